@@ -1,0 +1,1 @@
+"""Inference: preprocessing, the ONNX Runtime engine, Grad-CAM and post-processing."""

