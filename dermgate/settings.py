@@ -1,0 +1,148 @@
+"""One settings object for the whole service.
+
+Sources, highest first: keyword arguments, environment (``DERMGATE_*``, nested
+with ``__``, e.g. ``DERMGATE_DICOM__AE_TITLE``), the TOML file named by
+``DERMGATE_CONFIG`` or ``<workdir>/dermgate.toml``, then these defaults. The
+defaults are embedded (SQLite + a folder store under the work dir) so nothing
+must be set up by hand. Secrets are never values here: only paths to key files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from integration.fhir.settings import FhirSettings
+
+
+class AllowedCaller(BaseModel):
+    """A calling AE title and the source hosts (IP addresses) it may connect from."""
+    ae_title: str
+    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+
+
+class Destination(BaseModel):
+    """A C-STORE destination (PACS) for the SC and SR outputs."""
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.12/B.13, BCP 195): TLS 1.2 minimum."""
+    enabled: bool = False
+    port: int = 2762                                  # IANA-registered DICOM over TLS
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None                       # for verifying client certificates
+    require_client_cert: bool = False
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "DERMGATE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    accept_unknown_callers: bool = False              # reject unknown AEs by default
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu: int = 65536
+    max_pixels: int = 40_000_000                      # refuse absurd dimensions
+    min_free_bytes: int = 512 * 1024 * 1024           # answer 0xA700 below this
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        if not 0 < len(v) <= 16:
+            raise ValueError("AE title must be 1-16 characters")
+        return v
+
+
+class WorkerSettings(BaseModel):
+    lease_seconds: float = 120.0
+    max_attempts: int = 5
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 600.0
+    poll_interval_s: float = 0.2
+    batch_size: int = 8
+
+
+class ModelSettings(BaseModel):
+    path: Path | None = None                          # default: the model shipped in the package
+    threads: int = 0                                  # 0: ONNX Runtime decides
+
+
+class AuditSettings(BaseModel):
+    directory: Path | None = None                     # default <workdir>/audit
+    key_file: Path | None = None                      # default <workdir>/keys/audit.key (demo)
+    signing_key_file: Path | None = None
+    checkpoint_every: int = 100
+    syslog_host: str | None = None
+    syslog_port: int = 6514
+    syslog_ca_file: Path | None = None
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tokens_file: Path | None = None                   # bearer tokens -> user, role (hashed)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DERMGATE_", env_nested_delimiter="__", extra="forbid")
+
+    workdir: Path = Field(default_factory=lambda: Path.cwd())
+    database_url: str | None = None                   # default sqlite:///<workdir>/dermgate.db
+    environment: Literal["development", "production"] = "development"
+    log_level: str = "INFO"
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    fhir: FhirSettings | None = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = os.environ.get("DERMGATE_CONFIG")
+        if not toml:
+            wd = os.environ.get("DERMGATE_WORKDIR")
+            candidate = Path(wd or ".") / "dermgate.toml"
+            toml = str(candidate) if candidate.exists() else None
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    # Derived locations, all under the work dir unless configured.
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.workdir / 'dermgate.db').resolve()}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.workdir / "store"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.audit.directory or self.workdir / "audit"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings for display and config-change audit: paths only, never key material."""
+        return self.model_dump(mode="json")
