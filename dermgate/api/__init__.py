@@ -1,0 +1,1 @@
+"""HTTP API (FastAPI): health, readiness, metrics, results and clinician review."""

@@ -1,0 +1,288 @@
+"""The ``dermgate`` command.
+
+    dermgate serve        SCP + worker + dispatcher + HTTP API (or some of them: --roles)
+    dermgate demo         the whole path on loopback with the bundled samples
+    dermgate jobs         list, show and retry jobs
+    dermgate outbox       list, retry and purge deliveries
+    dermgate review       confirm or override an AI result (clinician)
+    dermgate evaluate     evaluate the model on a labelled image folder
+    dermgate audit        verify, search, export the audit trail
+    dermgate migrate      create / upgrade the database schema
+    dermgate verify-model check the model file against its manifest
+
+Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
+else the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from dermgate import __version__
+
+
+def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings import is deferred for start-up time
+    import os
+
+    from dermgate.app import workdir_from
+    from dermgate.settings import Settings
+    wd = workdir_from(getattr(args, "workdir", None))
+    os.environ.setdefault("DERMGATE_WORKDIR", str(wd))
+    return Settings(workdir=wd)
+
+
+def _runtime(args: argparse.Namespace):  # noqa: ANN202
+    from dermgate import logs
+    from dermgate.app import Runtime
+    settings = _settings(args)
+    logs.configure(settings.log_level, settings.log_dir / "dermgate.log", console=getattr(args, "verbose", False))
+    return Runtime(settings)
+
+
+# ---- serve ------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dermgate.service import Service
+    rt = _runtime(args)
+    roles = set(args.roles.split(","))
+    service = Service(rt, roles=roles, workers=args.workers)
+    stop = threading.Event()
+
+    def _graceful(signum: int, _frame: object) -> None:
+        stop.set()
+    signal.signal(signal.SIGTERM, _graceful)
+    signal.signal(signal.SIGINT, _graceful)
+    service.start()
+    print(f"dermgate {__version__} serving ({', '.join(sorted(roles))}); work dir {rt.settings.workdir}",
+          file=sys.stderr)
+    stop.wait()
+    service.stop()
+    rt.close()
+    return 0
+
+
+# ---- jobs / outbox ----------------------------------------------------------------------------
+
+def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [[str(c) if c is not None else "" for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(out)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.db import Instance, Job, JobState, utcnow
+    rt = _runtime(args)
+    with rt.sessions.begin() as s:
+        if args.action == "list":
+            q = select(Job, Instance).join(Instance, Instance.id == Job.instance_id).order_by(Job.id)
+            if args.state:
+                q = q.where(Job.state == JobState(args.state))
+            rows = [(j.id, j.state.value, j.attempts, (i.sop_instance_uid or "")[-24:],
+                     (j.result or {}).get("top_class", ""), (j.result or {}).get("risk", ""),
+                     j.updated_at.strftime("%Y-%m-%d %H:%M:%S"), (j.last_error or "")[:60])
+                    for j, i in s.execute(q.limit(args.limit))]
+            print(_table(rows, ["id", "state", "tries", "sop uid (tail)", "top", "risk", "updated", "last error"]))
+            return 0
+        ids = args.ids or [j.id for j in s.scalars(select(Job).where(Job.state == JobState.FAILED))]
+        n = 0
+        for job in s.scalars(select(Job).where(Job.id.in_(ids))):
+            if job.state != JobState.FAILED:
+                continue
+            job.state = JobState.CLASSIFIED if job.result else JobState.RECEIVED
+            job.attempts, job.next_attempt_at, job.lease_owner, job.lease_expires_at = 0, utcnow(), None, None
+            n += 1
+    rt.audit.record(AuditEvent(event=EventType.JOB_ADMIN, outcome=Outcome.SUCCESS, actor=args.user,
+                               actor_role="operator", action="U", detail={"retry_jobs": ids[:100], "count": n}))
+    print(f"{n} job(s) queued for retry")
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from sqlalchemy import delete, select
+
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.db import OutboxItem, OutboxState, utcnow
+    rt = _runtime(args)
+    with rt.sessions.begin() as s:
+        if args.action == "list":
+            q = select(OutboxItem).order_by(OutboxItem.id)
+            if args.state:
+                q = q.where(OutboxItem.state == OutboxState(args.state))
+            rows = [(o.id, o.channel, o.kind, o.state.value, o.attempts,
+                     o.next_attempt_at.strftime("%H:%M:%S"), o.remote_ref, (o.last_error or "")[:60])
+                    for o in s.scalars(q.limit(args.limit))]
+            print(_table(rows, ["id", "channel", "kind", "state", "tries", "next", "remote", "last error"]))
+            return 0
+        if args.action == "retry":
+            q = select(OutboxItem).where(OutboxItem.state == OutboxState.DEAD)
+            if args.ids:
+                q = q.where(OutboxItem.id.in_(args.ids))
+            items = list(s.scalars(q))
+            for o in items:
+                o.state, o.attempts, o.next_attempt_at = OutboxState.PENDING, 0, utcnow()
+            detail = {"retry": [o.id for o in items][:100], "count": len(items)}
+        else:  # purge: delivered rows older than --older-than-days (payloads hold PHI)
+            cutoff = utcnow() - timedelta(days=args.older_than_days)
+            res = s.execute(delete(OutboxItem).where(OutboxItem.state == OutboxState.SENT,
+                                                     OutboxItem.sent_at < cutoff))
+            detail = {"purged": res.rowcount, "older_than_days": args.older_than_days}
+    rt.audit.record(AuditEvent(event=EventType.JOB_ADMIN, outcome=Outcome.SUCCESS, actor=args.user,
+                               actor_role="operator", action="U" if args.action == "retry" else "D",
+                               detail={"outbox": args.action, **detail}))
+    print(detail)
+    return 0
+
+
+# ---- review -----------------------------------------------------------------------------------
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from dermgate.review import ReviewError, submit_review
+    rt = _runtime(args)
+    try:
+        review = submit_review(rt, args.sop_instance_uid, reviewer=args.reviewer,
+                               decision="override" if args.override else "confirm",
+                               diagnosis=args.override, comment=args.comment)
+    except ReviewError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"review {review['id']} recorded ({review['decision']}); report update queued")
+    return 0
+
+
+# ---- misc -------------------------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from inference.engine import Engine
+    from inference.evaluate import run_evaluate
+    metrics = run_evaluate(Path(args.images), Path(args.labels), Path(args.out), Engine(tta=args.tta))
+    import json
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, indent=2))
+    return 0
+
+
+def cmd_verify_model(args: argparse.Namespace) -> int:
+    from inference.engine import Engine
+    from inference.errors import InferenceError
+    try:
+        eng = Engine(args.model_dir, warmup=True)
+    except InferenceError as exc:
+        print(f"model verification FAILED: {exc}", file=sys.stderr)
+        return 1
+    info = eng.model_info
+    print(f"model {info.name} {info.version} sha256 {info.sha256} OK; providers {eng.providers}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from dermgate.migrate import upgrade
+    settings = _settings(args)
+    upgrade(settings.db_url)
+    print("database schema is at head")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import json
+    print(json.dumps(_settings(args).public_dict(), indent=2))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from audit.cli import run
+    rt = _runtime(args)
+    return int(run(args, rt.audit) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dermgate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dermgate {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workdir", help="work dir (default: $DERMGATE_WORKDIR or the current directory)")
+    common.add_argument("--user", default="operator", help="who is acting, for the audit trail")
+    common.add_argument("-v", "--verbose", action="store_true", help="also log to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run the service")
+    s.add_argument("--roles", default="scp,worker,dispatcher,api",
+                   help="comma-separated subset of scp,worker,dispatcher,api (scale-out: run them apart)")
+    s.add_argument("--workers", type=int, default=1, help="worker threads in this process")
+    s.set_defaults(func=cmd_serve)
+
+    from dermgate.demo import add_arguments as demo_args, cmd_demo
+    d = sub.add_parser("demo", parents=[common], help="run the whole path on loopback with the samples")
+    demo_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    j = sub.add_parser("jobs", parents=[common], help="list or retry jobs")
+    j.add_argument("action", choices=["list", "retry"])
+    j.add_argument("ids", nargs="*", type=int, help="job ids to retry (default: all failed)")
+    j.add_argument("--state", choices=["received", "classified", "rendered", "delivered", "failed"])
+    j.add_argument("--limit", type=int, default=200)
+    j.set_defaults(func=cmd_jobs)
+
+    o = sub.add_parser("outbox", parents=[common], help="list, retry or purge deliveries")
+    o.add_argument("action", choices=["list", "retry", "purge"])
+    o.add_argument("ids", nargs="*", type=int, help="outbox ids to retry (default: all dead)")
+    o.add_argument("--state", choices=["pending", "sent", "dead"])
+    o.add_argument("--limit", type=int, default=200)
+    o.add_argument("--older-than-days", type=float, default=30.0, help="purge: sent rows older than this")
+    o.set_defaults(func=cmd_outbox)
+
+    r = sub.add_parser("review", parents=[common], help="confirm or override an AI result")
+    r.add_argument("sop_instance_uid", help="SOP Instance UID of the reviewed image")
+    r.add_argument("--reviewer", required=True, help="the clinician (recorded in the report and the audit)")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--confirm", action="store_true")
+    g.add_argument("--override", choices=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
+                   help="the clinician's diagnosis")
+    r.add_argument("--comment")
+    r.set_defaults(func=cmd_review)
+
+    e = sub.add_parser("evaluate", help="evaluate the model on labelled images")
+    e.add_argument("--images", required=True)
+    e.add_argument("--labels", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation (default: as the manifest says)")
+    e.set_defaults(func=cmd_evaluate)
+
+    v = sub.add_parser("verify-model", help="verify the model file against its manifest and load it")
+    v.add_argument("--model-dir", type=Path)
+    v.set_defaults(func=cmd_verify_model)
+
+    m = sub.add_parser("migrate", parents=[common], help="create or upgrade the database schema")
+    m.set_defaults(func=cmd_migrate)
+
+    c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
+    c.set_defaults(func=cmd_config)
+
+    a = sub.add_parser("audit", parents=[common], help="verify, search and export the audit trail")
+    try:
+        from audit.cli import add_arguments as audit_args
+        audit_args(a)
+    except ImportError:  # pragma: no cover - audit package incomplete
+        pass
+    a.set_defaults(func=cmd_audit)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

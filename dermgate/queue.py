@@ -1,0 +1,64 @@
+"""Leased work queues over database rows (jobs and outbox items).
+
+Many workers on many hosts claim rows safely: on PostgreSQL with
+``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite every write transaction is
+``BEGIN IMMEDIATE`` (see ``db.make_engine``), which serialises claims. A claim
+is a lease that expires, so a worker killed with -9 releases its rows when the
+lease runs out. Every later write is fenced on the lease owner: a worker whose
+lease was taken over can no longer complete the row, so nothing completes twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from dermgate.db import LeaseMixin, utcnow
+
+Row = TypeVar("Row", bound=LeaseMixin)
+
+
+def claim(session: Session, model: type[Row], states: Sequence[Any], owner: str, lease_s: float,
+          limit: int = 1, now: datetime | None = None) -> list[Row]:
+    """Claim up to ``limit`` due rows in ``states``; caller commits."""
+    now = now or utcnow()
+    stmt = (select(model)
+            .where(model.state.in_(states),                      # type: ignore[attr-defined]
+                   model.next_attempt_at <= now,
+                   or_(model.lease_expires_at.is_(None), model.lease_expires_at < now))
+            .order_by(model.next_attempt_at, model.id)           # type: ignore[attr-defined]
+            .limit(limit))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    rows = list(session.scalars(stmt))
+    for row in rows:
+        row.lease_owner = owner
+        row.lease_expires_at = now + timedelta(seconds=lease_s)
+    return rows
+
+
+def fenced_update(session: Session, model: type[Row], row_id: int, owner: str, **values: Any) -> bool:
+    """Update a row only while ``owner`` still holds its lease; False if the lease was lost."""
+    res = session.execute(update(model)
+                          .where(model.id == row_id, model.lease_owner == owner)  # type: ignore[attr-defined]
+                          .values(**values, updated_at=utcnow()))
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def backoff(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Exponential back-off with full jitter (AWS architecture blog): uniform in [0, min(max, base*2^n)]."""
+    rng = rng or random.Random()
+    cap = min(max_s, base_s * (2 ** max(attempt - 1, 0)))
+    return max(base_s / 2, rng.uniform(0, cap))
+
+
+def release(session: Session, model: type[Row], owner: str) -> int:
+    """Release every lease ``owner`` holds (graceful shutdown); returns how many."""
+    res = session.execute(update(model).where(model.lease_owner == owner)  # type: ignore[attr-defined]
+                          .values(lease_owner=None, lease_expires_at=None))
+    return res.rowcount  # type: ignore[attr-defined]

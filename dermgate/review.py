@@ -1,0 +1,62 @@
+"""Clinician review: confirm or override an AI result.
+
+The review is stored, audited (DCM 110110 Patient Record, update), and the
+report update (``final`` on confirm, ``amended`` with the clinician's
+diagnosis on override) goes through the same outbox as the report, so it
+reaches the EHR once even when the EHR is down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from audit.api import AuditEvent, EventType, Outcome
+from dermgate.app import Runtime
+from dermgate.db import Instance, Job, JobState, OutboxItem, Review
+from dermgate.records import ImageRef
+from inference.result import CLASSES
+
+
+class ReviewError(Exception):
+    def __init__(self, message: str, http_status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision: str,
+                  diagnosis: str | None, comment: str | None, source: str | None = None) -> dict[str, Any]:
+    if decision not in ("confirm", "override"):
+        raise ReviewError("decision must be confirm or override")
+    if decision == "override" and diagnosis not in CLASSES:
+        raise ReviewError(f"an override needs a diagnosis, one of {', '.join(CLASSES)}")
+    with rt.sessions.begin() as s:
+        row = s.execute(select(Instance, Job).join(Job, Job.instance_id == Instance.id)
+                        .where(Instance.sop_instance_uid == sop_instance_uid)).first()
+        if row is None:
+            raise ReviewError("no image with this SOP Instance UID", 404)
+        inst, job = row
+        if job.result is None or job.state in (JobState.RECEIVED, JobState.CLASSIFIED):
+            raise ReviewError("the AI result for this image is not ready yet", 409)
+        review = Review(job_id=job.id, reviewer=reviewer, decision=decision,
+                        diagnosis=diagnosis if decision == "override" else None, comment=comment)
+        s.add(review)
+        s.flush()
+        image = ImageRef(**{k: getattr(inst, k) for k in ImageRef.__dataclass_fields__})
+        n_prev = len(s.scalars(select(Review.id).where(Review.job_id == job.id)).all())
+        for planner in rt.planners:
+            plan_review = getattr(planner, "plan_review", None)
+            payload = plan_review(image, job.result, review, n_prev) if plan_review else None
+            if payload is not None:
+                s.add(OutboxItem(job_id=None, channel=planner.channel, kind="review", payload=payload,
+                                 business_key=f"{inst.sop_instance_uid}:review:{review.id}"))
+        out = {"id": review.id, "decision": decision, "diagnosis": review.diagnosis,
+               "sop_instance_uid": inst.sop_instance_uid}
+        patient_id, study_uid = inst.patient_id, inst.study_instance_uid
+    rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=reviewer,
+                               actor_role="clinician", action="U", source=source, patient_id=patient_id,
+                               study_uid=study_uid, sop_instance_uids=(sop_instance_uid,),
+                               detail={"decision": decision, "diagnosis": diagnosis,
+                                       "ai_top_class": (job.result or {}).get("top_class")}))
+    return out

@@ -1,0 +1,89 @@
+"""A running dermgate process: any of SCP, workers, dispatcher and HTTP API.
+
+Graceful shutdown (SIGTERM): stop accepting associations first, let in-flight
+associations and stages finish, then release every lease this process still
+holds, so no job waits for a lease to expire.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+
+from audit.api import AuditEvent, EventType, Outcome
+from dermgate import __version__
+from dermgate.app import Runtime
+from dermgate.pipeline import run_loop
+
+log = structlog.get_logger("dermgate.service")
+
+ROLES = frozenset({"scp", "worker", "dispatcher", "api"})
+
+
+class Service:
+    def __init__(self, rt: Runtime, roles: set[str] | frozenset[str] = ROLES, workers: int = 1) -> None:
+        unknown = set(roles) - ROLES
+        if unknown:
+            raise ValueError(f"unknown roles: {sorted(unknown)}")
+        self.rt, self.roles, self.n_workers = rt, set(roles), workers
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.loops: list[Any] = []
+        self.scp: Any = None
+        self.api_server: Any = None
+
+    def start(self) -> None:
+        rt = self.rt
+        rt.audit.record(AuditEvent(event=EventType.APP_START, outcome=Outcome.SUCCESS, actor="dermgate",
+                                   detail={"version": __version__, "roles": sorted(self.roles)}))
+        if "worker" in self.roles:
+            _ = rt.classifier  # load + verify the model before taking work
+            for i in range(self.n_workers):
+                w = rt.worker()
+                self.loops.append(w)
+                self._thread(f"worker-{i}", w.run_once)
+        if "dispatcher" in self.roles:
+            d = rt.dispatcher()
+            self.loops.append(d)
+            self._thread("dispatcher", d.run_once)
+        if "api" in self.roles:
+            self._start_api()
+        if "scp" in self.roles:
+            from integration.dicom_scp.scp import DicomService
+            self.scp = DicomService(rt.settings.dicom, rt.intake(), rt.audit, rt.store)
+            self.scp.start()
+        log.info("service_started", roles=sorted(self.roles), version=__version__)
+
+    def _thread(self, name: str, step: Any) -> None:
+        t = threading.Thread(target=run_loop, args=(step, self.stop_event, self.rt.settings.worker.poll_interval_s),
+                             name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _start_api(self) -> None:
+        import uvicorn
+
+        from dermgate.api.main import create_app
+        app = create_app(self.rt)
+        cfg = uvicorn.Config(app, host=self.rt.settings.api.host, port=self.rt.settings.api.port,
+                             log_level="warning", access_log=False)
+        self.api_server = uvicorn.Server(cfg)
+        self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        t = threading.Thread(target=self.api_server.run, name="api", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.scp is not None:
+            self.scp.stop()
+        self.stop_event.set()
+        if self.api_server is not None:
+            self.api_server.should_exit = True
+        for t in self.threads:
+            t.join(timeout)
+        released = sum(loop.release_all() for loop in self.loops)
+        self.rt.audit.record(AuditEvent(event=EventType.APP_STOP, outcome=Outcome.SUCCESS, actor="dermgate",
+                                        detail={"released_leases": released}))
+        log.info("service_stopped", released_leases=released)
