@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the tests need and run them. The README's test command; .ci/run calls it.
+# Needs root (or sudo) for the Debian packages: dcmtk (the modality), orthanc (the PACS),
+# dicom3tools (dciodvfy, IOD validation); Node 20 + npm for the loopback FHIR server;
+# PostgreSQL 15 binaries (initdb/pg_ctl) for the PostgreSQL half of the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+need=()
+for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
+  cmd=${pair%%:*}; pkg=${pair##*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
+
+if [ -f tests/integration/fhir/server/package-lock.json ]; then
+  npm ci --prefix tests/integration/fhir/server --no-audit --no-fund --loglevel=error
+fi
+
+exec .venv/bin/python -m pytest -q "$@"
