@@ -1,0 +1,279 @@
+"""The inference engine: the committed ONNX model behind one small class.
+
+    engine = Engine()                       # the model shipped in the ``models`` package
+    preds = engine.predict([rgb_uint8, ...])
+
+Flow for a batch: check input -> quality gate -> preprocess (``inference.preprocess``,
+byte for byte what training used) -> ONNX Runtime (outputs ``logits`` and
+``features``) -> temperature-scaled softmax, risk, uncertainty -> Grad-CAM.
+
+On load the engine verifies the ONNX file's sha256 against the manifest, warms
+the session up, and checks on that warm-up run that the manifest's classifier
+weights reproduce the graph's logits from its feature map (so the Grad-CAM it
+draws is the one of the served graph). Errors: see ``inference.errors``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import structlog
+
+from inference import postprocess as post
+from inference.cam import grad_cam
+from inference.errors import ImageDecodeError, InvalidInputError, ModelIntegrityError, ModelLoadError
+from inference.preprocess import prepare
+from inference.result import CLASSES, ModelInfo, Prediction, Risk
+
+log = structlog.get_logger(__name__)
+
+MODEL_FILE = "dermgate-lite0.onnx"
+MANIFEST_FILE = "manifest.json"
+INPUT_NAME = "input"
+OUTPUT_LOGITS = "logits"
+OUTPUT_FEATURES = "features"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS = (CUDA, CPU)
+# Root for UUID-derived OIDs (ITU-T X.667 / PS3.5 B.2): 2.25.<uuid as integer>.
+UUID_OID_ROOT = "2.25"
+_DEVICE_UID_NAMESPACE = uuid.UUID("6f1c1c52-3d3f-5b0e-9a7e-6d65726d6761")  # fixed: dermgate models
+# Test-time augmentation: the four flips of the square input; logits are averaged.
+TTA_VIEWS = ("identity", "hflip", "vflip", "hvflip")
+
+
+def default_model_dir() -> Path:
+    """Directory of the committed model: the ``models`` package itself."""
+    return Path(str(resources.files("models")))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def device_uid(sha256: str) -> str:
+    """A DICOM Device UID that changes exactly when the model bytes change (IHE AIR)."""
+    return f"{UUID_OID_ROOT}.{uuid.uuid5(_DEVICE_UID_NAMESPACE, sha256.lower()).int}"
+
+
+def _nvidia_gpu_present() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
+def select_providers(requested: Sequence[str] = DEFAULT_PROVIDERS) -> list[str]:
+    """The requested providers that this ONNX Runtime build offers, in order.
+
+    onnxruntime-gpu lists CUDA even on machines without a GPU (and then logs an
+    error while falling back), so CUDA is kept only when an NVIDIA driver is there.
+    CPU is always appended as the last resort."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in requested if p in available and (p != CUDA or _nvidia_gpu_present())]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of ``models/manifest.json`` the engine needs (the file has more)."""
+    path: Path
+    raw: dict
+    onnx_file: str
+    sha256: str
+    name: str
+    version: str
+    manufacturer: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    colour_constancy: bool
+    hair_removal: bool
+    tta: bool
+    calibration: dict[str, post.Calibration]   # "plain" and "tta"
+    fc_weight: npt.NDArray[np.float32]          # (7, K)
+    fc_bias: npt.NDArray[np.float32]            # (7,)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            raw = json.loads(path.read_text())
+            pp, cam = raw["preprocessing"], raw["cam"]
+            if tuple(raw["classes"]) != CLASSES:
+                raise ModelLoadError(f"manifest classes {raw['classes']} differ from {CLASSES}")
+            w = cam["fc_weight"]
+            weight = np.frombuffer(base64.b64decode(w["base64"]), dtype=np.dtype(w["dtype"]))
+            weight = weight.reshape(w["shape"]).astype(np.float32)
+            return cls(
+                path=path, raw=raw, onnx_file=raw["onnx"]["file"], sha256=raw["onnx"]["sha256"],
+                name=raw["name"], version=raw["version"], manufacturer=raw["manufacturer"],
+                input_size=int(pp["input_size"]), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                colour_constancy=bool(pp["colour_constancy"]), hair_removal=bool(pp["hair_removal"]),
+                tta=bool(raw["tta"]["enabled"]),
+                calibration={k: post.Calibration.from_json(v) for k, v in raw["calibration"].items()},
+                fc_weight=weight, fc_bias=np.asarray(cam["fc_bias"], np.float32))
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"cannot read model manifest {path}: {exc}") from exc
+
+
+def load_image(path: Path | str) -> npt.NDArray[np.uint8]:
+    """Decode a JPEG/PNG/BMP/TIFF/WebP file of any size and depth to RGB uint8."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {path}: {exc}") from exc
+    return decode_image(data.tobytes(), name=str(path))
+
+
+def decode_image(data: bytes, name: str = "image") -> npt.NDArray[np.uint8]:
+    """Decode encoded image bytes to RGB uint8 (grey, 16-bit and RGBA are converted)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if bgr is None:
+        raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def tta_batch(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Stack the TTA views of a preprocessed NCHW batch: (V*N, C, H, W), view-major."""
+    return np.ascontiguousarray(np.concatenate(
+        [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]], axis=0))
+
+
+def merge_tta(logits: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
+    """Average the logits of the views of each image: (V*N, C) -> (N, C)."""
+    return logits.reshape(len(TTA_VIEWS), n, -1).mean(axis=0)
+
+
+class Engine:
+    """Classifies dermoscopy images with the committed ONNX model."""
+
+    def __init__(self, model_dir: Path | None = None, *, manifest_path: Path | None = None,
+                 intra_op_threads: int = 2, inter_op_threads: int = 1,
+                 providers: Sequence[str] = DEFAULT_PROVIDERS, tta: bool | None = None,
+                 batch_size: int = 32, warmup: bool = True) -> None:
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.manifest = Manifest.load(manifest_path or model_dir / MANIFEST_FILE)
+        onnx_path = model_dir / self.manifest.onnx_file
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"model file {onnx_path} not found")
+        digest = sha256_file(onnx_path)
+        if digest != self.manifest.sha256:
+            raise ModelIntegrityError(
+                f"sha256 of {onnx_path.name} is {digest}, the manifest expects {self.manifest.sha256}: "
+                "the model file was changed or replaced; refusing to load it")
+        self.onnx_path = onnx_path
+        self.tta = self.manifest.tta if tta is None else tta
+        self.calibration = self.manifest.calibration["tta" if self.tta else "plain"]
+        self.batch_size = batch_size
+        self._model_info = ModelInfo(manufacturer=self.manifest.manufacturer, name=self.manifest.name,
+                                     version=self.manifest.version, sha256=digest,
+                                     device_uid=device_uid(digest))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = intra_op_threads
+        so.inter_op_num_threads = inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(str(onnx_path), sess_options=so,
+                                                 providers=select_providers(providers))
+        except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
+            raise ModelLoadError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+        outputs = {o.name for o in self._session.get_outputs()}
+        if {OUTPUT_LOGITS, OUTPUT_FEATURES} - outputs or self._session.get_inputs()[0].name != INPUT_NAME:
+            raise ModelLoadError(f"{onnx_path.name} lacks input '{INPUT_NAME}' or outputs "
+                                 f"'{OUTPUT_LOGITS}'/'{OUTPUT_FEATURES}' (has {sorted(outputs)})")
+        if warmup:
+            self._warm_up()
+        log.info("inference.engine_loaded", model=self.manifest.name, version=self.manifest.version,
+                 sha256=digest[:12], providers=self.providers, tta=self.tta, threads=intra_op_threads)
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session actually uses (CUDA may have fallen back to CPU)."""
+        return list(self._session.get_providers())
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    def _warm_up(self) -> None:
+        """First run allocates memory and picks kernels; it also proves the manifest's
+        fc weights are the graph's, since logits = mean-pooled features x W^T + b."""
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(2, 3, self.manifest.input_size, self.manifest.input_size)).astype(np.float32)
+        logits, feats = self.run(x)
+        recomputed = feats.mean(axis=(2, 3)) @ self.manifest.fc_weight.T + self.manifest.fc_bias
+        if not np.allclose(recomputed, logits, atol=1e-3, rtol=1e-3):
+            raise ModelIntegrityError("the manifest's classifier weights do not reproduce the graph's "
+                                      "logits: manifest and ONNX file do not belong together")
+
+    def run(self, x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The bare graph on a preprocessed NCHW float32 batch: (logits, features)."""
+        logits, feats = self._session.run([OUTPUT_LOGITS, OUTPUT_FEATURES], {INPUT_NAME: x})
+        return logits, feats
+
+    def preprocess(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        m = self.manifest
+        return prepare(image, m.input_size, colour_constancy=m.colour_constancy, hair_removal=m.hair_removal)
+
+    def logits(self, x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Logits (TTA-averaged when enabled) and the identity view's features for a batch."""
+        if not self.tta:
+            return self.run(x)
+        logits, feats = self.run(tta_batch(x))
+        return merge_tta(logits, len(x)), feats[: len(x)]
+
+    def predict(self, images: Sequence[npt.NDArray[np.uint8]], *, cam: bool = True) -> list[Prediction]:
+        """Classify RGB uint8 images (any size); one Prediction each, in order.
+
+        Raises InvalidInputError (naming the index) for anything that is not an
+        HxWx3 uint8 array. Images that fail the quality gate still get model
+        probabilities (for evaluation), but ``assessable=False``, risk
+        NOT_ASSESSABLE, a reason, and no CAM: they must not be shown as a result."""
+        for i, img in enumerate(images):
+            try:
+                post.check_image(img)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"image {i}: {exc}") from None
+        out: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            out.extend(self._predict_batch(images[start:start + self.batch_size], cam))
+        return out
+
+    def _predict_batch(self, images: Sequence[npt.NDArray[np.uint8]], want_cam: bool) -> list[Prediction]:
+        x = np.stack([self.preprocess(img) for img in images])
+        logits, feats = self.logits(x)
+        cal = self.calibration
+        probs = post.softmax(logits, cal.temperature)
+        p_mal = post.malignancy(probs)
+        unc = post.normalised_entropy(probs)
+        preds = []
+        for i, img in enumerate(images):
+            reason = post.assess(img)
+            top = int(probs[i].argmax())
+            cam = (grad_cam(feats[i], self.manifest.fc_weight, top, img.shape[:2])
+                   if want_cam and reason is None else None)
+            preds.append(Prediction(
+                probabilities={c: float(probs[i, k]) for k, c in enumerate(CLASSES)},
+                malignancy_probability=float(p_mal[i]),
+                risk=Risk.NOT_ASSESSABLE if reason else post.risk_level(float(p_mal[i]), cal),
+                uncertainty=float(unc[i]),
+                low_confidence=bool(unc[i] >= cal.low_confidence_threshold),
+                assessable=reason is None, reason=reason, model=self._model_info, cam=cam))
+        return preds

