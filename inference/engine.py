@@ -163,13 +163,16 @@ def merge_tta(logits: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32
 class Engine:
     """Classifies dermoscopy images with the committed ONNX model."""
 
-    def __init__(self, model_dir: Path | None = None, *, manifest_path: Path | None = None,
+    def __init__(self, model_path: Path | str | None = None, *, manifest_path: Path | None = None,
                  intra_op_threads: int = 2, inter_op_threads: int = 1,
                  providers: Sequence[str] = DEFAULT_PROVIDERS, tta: bool | None = None,
                  batch_size: int = 32, warmup: bool = True) -> None:
-        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        """``model_path``: a folder holding ``manifest.json`` and the ONNX file it names, or
+        the ONNX file itself (its manifest beside it); default: the model shipped in ``models``."""
+        path = Path(model_path) if model_path is not None else default_model_dir()
+        model_dir = path.parent if path.suffix == ".onnx" else path
         self.manifest = Manifest.load(manifest_path or model_dir / MANIFEST_FILE)
-        onnx_path = model_dir / self.manifest.onnx_file
+        onnx_path = path if path.suffix == ".onnx" else model_dir / self.manifest.onnx_file
         if not onnx_path.is_file():
             raise ModelLoadError(f"model file {onnx_path} not found")
         digest = sha256_file(onnx_path)

@@ -1,0 +1,168 @@
+"""Measure the exported model for its model card: held-out test split, external ISIC 2017,
+subgroups, Grad-CAM localisation, TTA on/off; figures under ``models/card/``.
+
+    python -m models.evaluate_model [--ham ../shared/data/ham10000] [--isic ../shared/data/isic2017]
+
+Everything runs through the shipped engine and the public evaluation interface
+(``inference.evaluate.run_evaluate``), so the card measures what the service
+does. Nothing here feeds back into the model: ISIC 2017 is external validation
+only, and the test split was not used for any choice (``models/export.py``
+chooses on validation). The test and ISIC metrics are written into
+``models/manifest.json`` under ``metrics`` (the ONNX file, hence its sha256, is untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from inference.cam import mass_inside
+from inference.engine import MANIFEST_FILE, Engine, default_model_dir, load_image
+from inference.evaluate import _jsonable, classification_metrics, run_evaluate
+from inference.result import CLASSES
+from models.split import load_split
+
+MASK_THRESHOLD = 128  # masks are anti-aliased by the 200x150 resize (README of the data)
+CAM_GOAL = 0.60
+AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, ">=70"))
+MIN_SUBGROUP = 30     # smaller subgroups are listed with n only: their metrics are noise
+SUBGROUP_BOOTSTRAP = 500
+
+
+def age_band(age: str) -> str:
+    try:
+        a = float(age)
+    except ValueError:
+        return "unknown"
+    return next(name for lo, hi, name in AGE_BANDS if lo <= a < hi)
+
+
+def write_labels(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def read_predictions(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def subgroups(preds: list[dict[str, str]], meta: dict[str, dict[str, str]], threshold: float) -> dict:
+    """Metrics by sex, age band and body site on the test split, lesion-level bootstrap CIs."""
+    out: dict[str, dict] = {}
+    keys = {"sex": lambda m: m["sex"] or "unknown", "age_band": lambda m: age_band(m["age"]),
+            "body_site": lambda m: m["localization"] or "unknown"}
+    for name, key in keys.items():
+        groups: dict[str, list[dict[str, str]]] = defaultdict(list)
+        for p in preds:
+            groups[key(meta[p["path"].removesuffix(".jpg")])].append(p)
+        out[name] = {}
+        for g, rows in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            if len(rows) < MIN_SUBGROUP:
+                out[name][g] = {"n": len(rows), "note": f"fewer than {MIN_SUBGROUP} images: no metrics"}
+                continue
+            probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+            m = classification_metrics([r["dx"] for r in rows], probs, threshold,
+                                       groups=[meta[r["path"].removesuffix(".jpg")]["lesion_id"] for r in rows],
+                                       bootstrap=SUBGROUP_BOOTSTRAP)
+            out[name][g] = {k: m[k] for k in ("n", "n_malignant", "malignancy_auc", "melanoma_auc",
+                                              "balanced_accuracy", "sensitivity", "specificity", "ci95")}
+    return out
+
+
+def cam_in_mask(engine: Engine, ham: Path, image_ids: list[str]) -> dict:
+    """Share of positive Grad-CAM mass inside the lesion mask, per image, vs the mask's area share
+    (what a uniform map would score)."""
+    shares, areas = [], []
+    for i in tqdm(range(0, len(image_ids), 32), desc="grad-cam", unit="batch"):
+        ids = image_ids[i:i + 32]
+        preds = engine.predict([load_image(ham / "images" / f"{x}.jpg") for x in ids], cam=True)
+        for x, p in zip(ids, preds):
+            mask = cv2.imread(str(ham / "masks" / f"{x}.png"), cv2.IMREAD_GRAYSCALE) >= MASK_THRESHOLD
+            if p.cam is None or not mask.any():
+                continue
+            shares.append(mass_inside(p.cam, mask))
+            areas.append(float(mask.mean()))
+    s, a = np.array(shares), np.array(areas)
+    s_ok = ~np.isnan(s)
+    return {"n": int(s_ok.sum()), "mean_share_inside": float(s[s_ok].mean()),
+            "median_share_inside": float(np.median(s[s_ok])),
+            "fraction_of_images_at_least_0.60": float((s[s_ok] >= CAM_GOAL).mean()),
+            "mean_mask_area_fraction": float(a[s_ok].mean()),
+            "mean_share_minus_area": float((s[s_ok] - a[s_ok]).mean()),
+            "goal": f"mean share inside >= {CAM_GOAL}",
+            "mask_threshold": MASK_THRESHOLD}
+
+
+def _summary(m: dict) -> dict:
+    keys = ("n", "n_malignant", "n_melanoma", "malignancy_auc", "melanoma_auc", "balanced_accuracy",
+            "sensitivity", "specificity", "sensitivity_at_specificity_0.80", "ece", "ece_malignancy",
+            "n_not_assessable", "n_low_confidence", "risk_counts", "ci95", "tta")
+    return {k: m[k] for k in keys if k in m}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ham", type=Path, default=Path("../shared/data/ham10000"))
+    ap.add_argument("--isic", type=Path, default=Path("../shared/data/isic2017"))
+    ap.add_argument("--split", type=Path, default=Path("models/split.csv"))
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("models/card"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    model_dir = args.model_dir or default_model_dir()
+    engines = {mode: Engine(model_dir, intra_op_threads=args.threads, tta=(mode == "tta"))
+               for mode in ("plain", "tta")}
+    shipped = "tta" if engines["plain"].manifest.tta else "plain"
+    meta = {r["image_id"]: r for r in csv.DictReader((args.ham / "metadata.csv").open())}
+    test = [r for r in load_split(args.split) if r["split"] == "test"]
+    isic = [r for r in csv.DictReader((args.isic / "labels.csv").open())]
+    report: dict = {"shipped_mode": shipped, "test": {}, "isic2017": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        ham_csv = write_labels(Path(tmp) / "ham_test.csv", [
+            {"path": f"{r['image_id']}.jpg", "dx": r["dx"], "lesion_id": r["lesion_id"]} for r in test])
+        isic_csv = write_labels(Path(tmp) / "isic2017.csv", [
+            {"path": f"{r['image_id']}.jpg", "dx": r["dx"]} for r in isic])
+        for mode, engine in engines.items():
+            report["test"][mode] = _summary(run_evaluate(args.ham / "images", ham_csv, args.out / f"ham_test_{mode}",
+                                                         engine, bootstrap=args.bootstrap))
+            report["isic2017"][mode] = _summary(run_evaluate(args.isic / "images", isic_csv,
+                                                             args.out / f"isic2017_{mode}", engine,
+                                                             bootstrap=args.bootstrap))
+    engine = engines[shipped]
+    preds = read_predictions(args.out / f"ham_test_{shipped}" / "predictions.csv")
+    report["subgroups_test"] = subgroups(preds, meta, engine.calibration.referral_threshold)
+    report["grad_cam_test"] = cam_in_mask(engine, args.ham, [r["image_id"] for r in test])
+    report["model"] = dict(engine.model_info.__dict__)
+    (args.out / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+
+    manifest_path = model_dir / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["metrics"]["test"] = _jsonable(report["test"][shipped])
+    manifest["metrics"]["isic2017_external"] = _jsonable(report["isic2017"][shipped])
+    manifest["metrics"]["grad_cam_test"] = report["grad_cam_test"]
+    manifest["metrics"]["details"] = "models/card/report.json (subgroups, TTA on/off), models/MODEL_CARD.md"
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    for split in ("test", "isic2017"):
+        for mode in ("plain", "tta"):
+            m = report[split][mode]
+            print(f"{split:9s} {mode:5s} malAUC {m['malignancy_auc']:.4f} melAUC {m['melanoma_auc']:.4f} "
+                  f"balacc {m['balanced_accuracy']:.4f} sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} "
+                  f"ece {m['ece']:.4f}")
+    print("grad-cam", json.dumps(report["grad_cam_test"]))
+
+
+if __name__ == "__main__":
+    main()
