@@ -1,0 +1,120 @@
+"""The DICOM SCP: wiring only -- the AE, its contexts and timeouts, the handlers, the servers.
+
+What each piece decides lives elsewhere: association policy in ``policy.py``,
+C-ECHO / C-STORE in ``handlers.py``, TLS in ``tls.py``, pixel decoding in
+``decode.py``, status codes in ``status.py``. The conformance statement is
+``docs/dicom-conformance.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from audit.api import AuditSink
+from dermgate.intake import Intake
+from dermgate.settings import DicomSettings
+from dermgate.store import ObjectStore
+from integration.dicom_scp.handlers import handle_echo, handle_store, utcnow
+from integration.dicom_scp.policy import AssociationPolicy, handle_accepted, handle_rejected, handle_requested
+from integration.dicom_scp.tls import handle_conn_open, server_context
+from integration.dicom_scp.uids import (SCP_STORAGE_SOP_CLASSES, SCP_TRANSFER_SYNTAXES,
+                                        UNCOMPRESSED_TRANSFER_SYNTAXES, VERIFICATION)
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+_STOP_POLL_S = 0.05
+
+
+def build_ae(cfg: DicomSettings) -> AE:
+    """The acceptor AE: own title, the explicit SOP class / transfer syntax list, limits, timeouts."""
+    ae = AE(ae_title=cfg.ae_title)
+    for sop_class in SCP_STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(SCP_TRANSFER_SYNTAXES))
+    ae.add_supported_context(VERIFICATION, list(UNCOMPRESSED_TRANSFER_SYNTAXES))
+    ae.maximum_associations = cfg.max_associations
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.require_called_aet = True
+    # Defence in depth: pynetdicom's own check, should the EVT_REQUESTED policy ever not run.
+    if not cfg.accept_unknown_callers and cfg.allowed_callers:
+        ae.require_calling_aet = [c.ae_title for c in cfg.allowed_callers]
+    return ae
+
+
+class DicomService:
+    """The SCP on its plain port and, when enabled, its TLS port; stop() drains in-flight associations."""
+
+    def __init__(self, cfg: DicomSettings, intake: Intake, audit: AuditSink, store: ObjectStore,
+                 clock: Clock = utcnow) -> None:
+        self.cfg = cfg
+        self.intake = intake
+        self.audit = audit
+        self.store = store
+        self.clock = clock
+        self.policy = AssociationPolicy(cfg)
+        self.ae = build_ae(cfg)
+        self.servers: dict[str, ThreadedAssociationServer] = {}
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        """pynetdicom event bindings: ``(event, handler, [dependencies])``."""
+        cfg, audit, clock = self.cfg, self.audit, self.clock
+        return [
+            (evt.EVT_CONN_OPEN, handle_conn_open, [cfg.network_timeout, audit, clock]),
+            (evt.EVT_REQUESTED, handle_requested, [self.policy, audit, clock]),
+            (evt.EVT_ACCEPTED, handle_accepted, [audit, clock]),
+            (evt.EVT_REJECTED, handle_rejected, [audit, clock]),
+            (evt.EVT_C_ECHO, handle_echo, [audit, clock]),
+            (evt.EVT_C_STORE, handle_store, [self.intake, audit, cfg, self.store, clock]),
+        ]
+
+    def start(self) -> None:
+        """Listen on the plain port, and on the TLS port when TLS is enabled (non-blocking)."""
+        ssl_context = server_context(self.cfg.tls) if self.cfg.tls.enabled else None   # fail before listening
+        self.servers["plain"] = self._serve(self.cfg.port, None)
+        if ssl_context is not None:
+            self.servers["tls"] = self._serve(self.cfg.tls.port, ssl_context)
+        log.info("scp_started", ae_title=self.cfg.ae_title, host=self.cfg.host, port=self.port,
+                 tls_port=self.tls_port)
+
+    def _serve(self, port: int, ssl_context: Any) -> ThreadedAssociationServer:
+        server = self.ae.start_server((self.cfg.host, port), block=False, ssl_context=ssl_context,
+                                      evt_handlers=self.handlers())
+        assert server is not None
+        return server
+
+    @property
+    def port(self) -> int | None:
+        """The bound plain port (the real one when configured as 0)."""
+        server = self.servers.get("plain")
+        return int(server.server_address[1]) if server else None
+
+    @property
+    def tls_port(self) -> int | None:
+        server = self.servers.get("tls")
+        return int(server.server_address[1]) if server else None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish for up to ``timeout`` s, then abort the rest."""
+        for server in self.servers.values():
+            server.shutdown()                 # closes the listening socket; association threads go on
+        self.servers.clear()
+        deadline = time.monotonic() + timeout
+        while self._acceptors() and time.monotonic() < deadline:
+            time.sleep(_STOP_POLL_S)
+        remaining = self._acceptors()
+        for assoc in remaining:
+            assoc.abort()
+        log.info("scp_stopped", aborted=len(remaining))
+
+    def _acceptors(self) -> list[Any]:
+        return [a for a in self.ae.active_associations if a.is_acceptor]
