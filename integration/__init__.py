@@ -1,0 +1,1 @@
+"""Protocol edges: DICOM (``integration.dicom_scp``) and FHIR (``integration.fhir``)."""

@@ -1,0 +1,254 @@
+"""The Grad-CAM Secondary Capture, the AI-result SR and the rendered heatmap.
+
+Sources are made by dcmtk's img2dcm from a HAM10000 JPEG (VL Photographic and
+Dermoscopic Photography), decoded by pydicom + pylibjpeg; every written object
+is checked by dicom3tools' dciodvfy. The prediction is synthetic: the
+classifier is tested in tests/inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+
+from integration.dicom_scp import uids
+from integration.dicom_scp.outputs import (
+    SourceDatasetError,
+    WrittenOutputs,
+    build_secondary_capture,
+    write_outputs,
+)
+from integration.dicom_scp.render import MIN_WIDTH, encode_png, render_heatmap
+from tests.peers.dcmtk import DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC, img2dcm, sample_jpeg
+from tests.peers.dicom3tools import dciodvfy
+from tests.peers.results import TEST_MODEL, gaussian_cam, synthetic_prediction
+
+NOW = datetime(2025, 3, 4, 12, 30, 15, tzinfo=timezone.utc)
+# dciodvfy warnings we accept, each for a reason:
+KNOWN_WARNINGS = (
+    "(0x0018,0x1002) UI Device UID",          # IHE AIR puts Device UID in Contributing Equipment
+    "Standard Extended SOP Class",            # ... which makes the instance Standard Extended
+    "defined term <99DERMGATE>",              # our private coding scheme (identified in SOP Common)
+    "attribute <Laterality>",                 # type 2C, empty = unknown; absent is an error to dciodvfy
+)
+
+
+@pytest.fixture(scope="module", params=["vl", "dermoscopic"])
+def source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    out = tmp_path_factory.mktemp("src") / f"{request.param}.dcm"
+    return dcmread(img2dcm(sample_jpeg(), out, dermoscopic=request.param == "dermoscopic"))
+
+
+@pytest.fixture(scope="module")
+def written(source: Dataset, tmp_path_factory: pytest.TempPathFactory) -> WrittenOutputs:
+    rgb = source.pixel_array
+    return write_outputs(source, synthetic_prediction(*rgb.shape[:2], low_confidence=True),
+                         tmp_path_factory.mktemp("out"), now=NOW)
+
+
+def _sr_items(ds: Dataset) -> list[Dataset]:
+    """All content items of an SR tree, depth first."""
+    out: list[Dataset] = []
+    stack = list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop(0)
+        out.append(item)
+        stack[0:0] = list(item.get("ContentSequence", []))
+    return out
+
+
+def _name(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return code.CodeValue, code.CodingSchemeDesignator
+
+
+def test_source_fixtures_are_the_two_photographic_classes(source: Dataset) -> None:
+    """The img2dcm sources are JPEG Baseline VL Photographic or Dermoscopic Photography images."""
+    assert source.SOPClassUID in (VL_PHOTOGRAPHIC, DERMOSCOPIC_PHOTOGRAPHY)
+    assert source.file_meta.TransferSyntaxUID == uids.JPEG_BASELINE
+    assert source.pixel_array.shape[2] == 3
+
+
+def test_sc_and_sr_pass_iod_validation(written: WrittenOutputs) -> None:
+    """dciodvfy finds no IOD error in the SC or the SR."""
+    for path, iod in ((written.sc_path, "SCImage"), (written.sr_path, "Comprehensive3DSR")):
+        report = dciodvfy(path)
+        assert report.iod == iod
+        assert report.errors == [], f"{path.name}: {report.errors}"
+        unexpected = [w for w in report.warnings if not any(k in w for k in KNOWN_WARNINGS)]
+        assert unexpected == [], f"{path.name}: {unexpected}"
+
+
+def test_not_assessable_outputs_pass_iod_validation(source: Dataset, tmp_path: Path) -> None:
+    """A not-assessable result still yields valid objects: the banner SC and an SR saying why."""
+    rgb = source.pixel_array
+    out = write_outputs(source, synthetic_prediction(*rgb.shape[:2], assessable=False), tmp_path, now=NOW)
+    for path in (out.sc_path, out.sr_path):
+        assert dciodvfy(path).errors == []
+    texts = [i.TextValue for i in _sr_items(out.sr) if i.ValueType == "TEXT"]
+    assert any("too dark" in t for t in texts)
+    risk = [i for i in _sr_items(out.sr) if i.ValueType == "CODE" and _name(i) == ("RISK-CATEGORY", uids.LOCAL)]
+    assert risk[0].ConceptCodeSequence[0].CodeValue == uids.NOT_ASSESSABLE.value
+    assert not [i for i in _sr_items(out.sr) if i.ValueType == "NUM"]
+
+
+def test_sc_is_a_derived_secondary_capture_in_the_source_study(source: Dataset, written: WrittenOutputs) -> None:
+    """Same study and patient, a new series, DERIVED\\SECONDARY, WSD, burned-in text, and a
+    Source Image Sequence that points back to the original."""
+    sc = written.sc
+    assert sc.SOPClassUID == uids.SECONDARY_CAPTURE_IMAGE_STORAGE
+    assert sc.file_meta.TransferSyntaxUID == uids.EXPLICIT_VR_LE
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyID", "StudyDate"):
+        assert sc[keyword].value == source[keyword].value
+    assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+    assert sc.ConversionType == "WSD"
+    assert sc.BurnedInAnnotation == "YES"
+    assert "Grad-CAM" in sc.DerivationDescription
+    ref = sc.SourceImageSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (source.SOPClassUID, source.SOPInstanceUID)
+    assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == uids.SOURCE_IMAGE_FOR_PROCESSING.value
+    assert sc.LossyImageCompression == "01"          # the JPEG ancestor was lossy
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+    assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+    assert sc.Columns >= MIN_WIDTH > source.Columns  # the small source was upscaled for a legible legend
+
+
+def test_sc_pixels_are_the_rendered_heatmap(source: Dataset, written: WrittenOutputs) -> None:
+    """The SC's pixel data is exactly the PNG companion's image."""
+    png = cv2.cvtColor(cv2.imdecode(np.frombuffer(written.png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(png, written.sc.pixel_array)
+    assert written.png_path.read_bytes() == written.png
+
+
+def test_sr_is_a_tid1500_report_of_the_source_image(source: Dataset, written: WrittenOutputs) -> None:
+    """Comprehensive 3D SR, root 126000 (TID 1500), unverified, with the source image as evidence."""
+    sr = written.sr
+    assert sr.SOPClassUID == uids.COMPREHENSIVE_3D_SR_STORAGE
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    assert sr.ConceptNameCodeSequence[0].CodeValue == uids.IMAGING_MEASUREMENT_REPORT.value
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    evidence = {ref.ReferencedSOPInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    assert {source.SOPInstanceUID, written.sc.SOPInstanceUID} <= evidence
+
+
+def test_sr_carries_coded_findings_probabilities_risk_and_disclaimer(written: WrittenOutputs) -> None:
+    """Each class as a coded Finding with its probability in %, plus malignancy probability,
+    the risk category, the low-confidence flag, the device observer and the disclaimer."""
+    items = _sr_items(written.sr)
+    findings = [i.ConceptCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE"
+                and _name(i) == ("121071", uids.DCM)]
+    assert findings[0] == uids.FINDING_CODES["nv"].value                       # summary: the top class
+    assert sorted(findings[1:]) == sorted(c.value for c in uids.FINDING_CODES.values())
+    assert uids.FINDING_CODES["mel"].value == "93655004"
+    nums = {(_name(i), float(i.MeasuredValueSequence[0].NumericValue),
+             i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+            for i in items if i.ValueType == "NUM"}
+    assert (("111047", uids.DCM), 28.0, "%") in nums                           # malignancy probability
+    assert (("122157", uids.DCM), 62.0, "%") in nums                           # nv
+    risk = [i for i in items if i.ValueType == "CODE" and _name(i) == ("RISK-CATEGORY", uids.LOCAL)]
+    assert risk[0].ConceptCodeSequence[0].CodeValue == uids.MODERATE_RISK.value
+    low = [i for i in items if i.ValueType == "CODE" and _name(i) == ("LOW-CONFIDENCE", uids.LOCAL)]
+    assert low[0].ConceptCodeSequence[0].CodeValue == uids.YES.value
+    device = [i for i in items if i.ValueType == "UIDREF" and _name(i) == ("121012", uids.DCM)]
+    assert device[0].UID == TEST_MODEL.device_uid
+    assert any(i.ValueType == "TEXT" and "not a diagnosis" in i.TextValue for i in items)
+
+
+def test_both_name_the_algorithm_as_contributing_equipment(written: WrittenOutputs) -> None:
+    """IHE AIR: Processing Algorithm (Newcode1, 99IHE) with manufacturer, model, version, Device UID."""
+    for ds in (written.sc, written.sr):
+        item = ds.ContributingEquipmentSequence[0]
+        purpose = item.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+            "Newcode1", "99IHE", "Processing Algorithm")
+        assert (item.Manufacturer, item.ManufacturerModelName, item.SoftwareVersions, item.DeviceUID) == (
+            TEST_MODEL.manufacturer, TEST_MODEL.name, TEST_MODEL.version, TEST_MODEL.device_uid)
+        schemes = {s.CodingSchemeDesignator for s in ds.CodingSchemeIdentificationSequence}
+        assert {uids.LOCAL, uids.IHE} <= schemes
+
+
+def test_rerun_writes_the_same_instances_and_a_new_model_new_ones(source: Dataset, written: WrittenOutputs,
+                                                                   tmp_path: Path) -> None:
+    """UIDs derive from the source and the model's Device UID: a re-run repeats them, a new model does not."""
+    rgb = source.pixel_array
+    again = write_outputs(source, synthetic_prediction(*rgb.shape[:2]), tmp_path / "again", now=NOW)
+    assert (again.sc.SOPInstanceUID, again.sr.SOPInstanceUID) == (written.sc.SOPInstanceUID,
+                                                                  written.sr.SOPInstanceUID)
+    assert again.sc.SeriesInstanceUID == written.sc.SeriesInstanceUID
+    assert written.sc.SOPInstanceUID.startswith("2.25.")
+    new_model = dataclasses.replace(TEST_MODEL, version="0.0.2-test", device_uid="2.25.2")
+    other = write_outputs(source, synthetic_prediction(*rgb.shape[:2], model=new_model), tmp_path / "new", now=NOW)
+    assert other.sc.SOPInstanceUID != written.sc.SOPInstanceUID
+    assert other.sr.SOPInstanceUID != written.sr.SOPInstanceUID
+    assert len({written.sc.SOPInstanceUID, written.sr.SOPInstanceUID, source.SOPInstanceUID}) == 3
+
+
+def test_source_without_study_uid_is_refused(source: Dataset) -> None:
+    """Outputs are never written into an unknown study."""
+    broken = source.copy()
+    del broken.StudyInstanceUID
+    with pytest.raises(SourceDatasetError, match="StudyInstanceUID"):
+        build_secondary_capture(broken, np.zeros((10, 10, 3), np.uint8), synthetic_prediction(10, 10))
+
+
+# --- render ----------------------------------------------------------------------
+
+def _photo(height: int = 150, width: int = 200) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    base = np.full((height, width, 3), (200, 150, 140), np.uint8)
+    return np.clip(base + rng.integers(-10, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_small_images_are_upscaled_with_a_legend_panel_below() -> None:
+    """A 200 px wide image becomes >= 600 px wide with a text panel appended under it."""
+    img = _photo()
+    out = render_heatmap(img, synthetic_prediction(150, 200))
+    assert out.dtype == np.uint8 and out.shape[1] == MIN_WIDTH
+    image_h = round(150 * MIN_WIDTH / 200)
+    assert out.shape[0] > image_h + 150                     # room for the legend lines
+    panel = out[image_h:]
+    assert (panel > 200).mean() > 0.01                      # light text drawn on the dark panel
+
+
+def test_heatmap_tints_where_the_cam_is_high() -> None:
+    """The overlay changes the centre (CAM ~1) far more than the corners (CAM ~0)."""
+    img = _photo(450, 600)
+    out = render_heatmap(img, synthetic_prediction(450, 600))[:450]
+    diff = np.abs(out.astype(int) - img.astype(int)).sum(axis=2)
+    assert diff[200:250, 275:325].mean() > 3 * diff[:40, :40].mean()
+
+
+def test_cam_of_another_size_is_resized_to_the_image() -> None:
+    """A CAM at the model's input size still covers the whole image."""
+    pred = dataclasses.replace(synthetic_prediction(450, 600), cam=gaussian_cam(224, 224))
+    assert render_heatmap(_photo(450, 600), pred).shape[1] == 600
+
+
+def test_not_assessable_renders_the_original_under_a_banner() -> None:
+    """No heatmap; a red banner over the top; the rest of the image is the upscaled original."""
+    img = _photo(450, 600)
+    out = render_heatmap(img, synthetic_prediction(450, 600, assessable=False))
+    top = out[:10].reshape(-1, 3).mean(axis=0)
+    assert top[0] > 120 and top[1] < 60                     # red
+    assert np.array_equal(out[300:450], img[300:450])
+
+
+def test_png_round_trips_losslessly() -> None:
+    """encode_png is lossless RGB."""
+    img = _photo()
+    back = cv2.imdecode(np.frombuffer(encode_png(img), np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(cv2.cvtColor(back, cv2.COLOR_BGR2RGB), img)
