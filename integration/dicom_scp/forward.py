@@ -159,7 +159,7 @@ class DicomForwardChannel:
         files = payload.get("files")
         if not files:
             raise _Undeliverable("payload names no files")
-        datasets = []
+        datasets: list[Dataset] = []
         for name in files:
             path = Path(name)
             if not path.is_absolute() and self.base_dir is not None:

@@ -32,6 +32,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 
 import dermgate
 from dermgate.records import Outputs
@@ -229,8 +230,8 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
         series_description=f"AI result ({model.name})",
     )
     _fill_common(sr, source, prediction, now)
-    sr.ContentDate = now.strftime("%Y%m%d")
-    sr.ContentTime = now.strftime("%H%M%S")
+    sr.ContentDate = DA(now.strftime("%Y%m%d"))
+    sr.ContentTime = TM(now.strftime("%H%M%S"))
     return sr
 
 
@@ -261,8 +262,8 @@ def _new_instance(source: Dataset, prediction: Prediction, now: datetime, *, sop
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = uids.EXPLICIT_VR_LE
-    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_instance_uid
     # General Series (C.7.3.1): a new series in the source's study.

@@ -27,6 +27,7 @@ ALPHA_FLOOR = 0.15                # heatmap weight where CAM = 0 ...
 ALPHA_GAIN = 0.45                 # ... plus this much at CAM = 1: the lesion stays visible
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 LEGEND_TITLE = "AI result, not a diagnosis"
+HEATMAP_NOTE = "Heatmap: red = regions that most drove the top class"
 
 _PANEL_BG = (24, 24, 24)
 _TEXT = (235, 235, 235)
@@ -78,16 +79,17 @@ def _upscaled(image: RGBImage) -> RGBImage:
     if w >= MIN_WIDTH:
         return image.copy()
     factor = MIN_WIDTH / w
-    return cv2.resize(image, (MIN_WIDTH, max(1, round(h * factor))), interpolation=cv2.INTER_CUBIC)
+    resized = cv2.resize(image, (MIN_WIDTH, max(1, round(h * factor))), interpolation=cv2.INTER_CUBIC)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def _overlay(image: RGBImage, cam: npt.NDArray[np.float32]) -> RGBImage:
     h, w = image.shape[:2]
-    cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
-    cam = cv2.resize(np.clip(cam, 0.0, 1.0), (w, h), interpolation=cv2.INTER_LINEAR)
-    heat_bgr = cv2.applyColorMap(np.round(cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    clean = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    weight = np.asarray(cv2.resize(clean, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+    heat_bgr = cv2.applyColorMap(np.round(weight * 255).astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
-    alpha = (ALPHA_FLOOR + ALPHA_GAIN * cam)[..., None]
+    alpha = (ALPHA_FLOOR + ALPHA_GAIN * weight)[..., None]
     return np.clip((1.0 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
 
 
@@ -103,8 +105,7 @@ def _legend_lines(p: Prediction) -> list[_Line]:
     lines.append(_Line(f"Risk level: {p.risk.value}", _RISK_COLOURS.get(p.risk.value, _TEXT)))
     if p.low_confidence:
         lines.append(_Line(f"Low confidence (uncertainty {p.uncertainty:.2f})", _WARN))
-    if p.cam is None:
-        lines.append(_Line("Heatmap unavailable"))
+    lines.append(_Line(HEATMAP_NOTE if p.cam is not None else "Heatmap unavailable"))
     lines.append(_Line(model))
     return lines
 

@@ -63,6 +63,12 @@ def _sr_items(ds: Dataset) -> list[Dataset]:
     return out
 
 
+def _decode_png(data: bytes) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None, "not a PNG"
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def _name(item: Dataset) -> tuple[str, str]:
     code = item.ConceptNameCodeSequence[0]
     return code.CodeValue, code.CodingSchemeDesignator
@@ -123,8 +129,7 @@ def test_sc_is_a_derived_secondary_capture_in_the_source_study(source: Dataset, 
 
 def test_sc_pixels_are_the_rendered_heatmap(source: Dataset, written: WrittenOutputs) -> None:
     """The SC's pixel data is exactly the PNG companion's image."""
-    png = cv2.cvtColor(cv2.imdecode(np.frombuffer(written.png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    assert np.array_equal(png, written.sc.pixel_array)
+    assert np.array_equal(_decode_png(written.png), written.sc.pixel_array)
     assert written.png_path.read_bytes() == written.png
 
 
@@ -250,5 +255,4 @@ def test_not_assessable_renders_the_original_under_a_banner() -> None:
 def test_png_round_trips_losslessly() -> None:
     """encode_png is lossless RGB."""
     img = _photo()
-    back = cv2.imdecode(np.frombuffer(encode_png(img), np.uint8), cv2.IMREAD_COLOR)
-    assert np.array_equal(cv2.cvtColor(back, cv2.COLOR_BGR2RGB), img)
+    assert np.array_equal(_decode_png(encode_png(img)), img)
