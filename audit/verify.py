@@ -187,7 +187,7 @@ def _check_witness(path: Path, report: VerifyReport, signed_hashes: dict[int, st
     seq = env["seq"]
     if seq > report.last_seq:
         raise _Fail(after, f"truncated: the signed witness covers record {seq} but the log ends at record "
-                           f"{report.last_seq}; records {after}..{seq} or more are missing")
+                           f"{report.last_seq}; at least records {after}..{seq} are missing")
     if signed_hashes.get(seq) != env["hash"]:
         raise _Fail(seq, "differs from the signed witness of this record (record replaced)")
 

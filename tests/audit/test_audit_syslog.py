@@ -1,0 +1,193 @@
+"""Forwarding audit messages to an ATNA collector over syslog TLS (RFC 5424 + RFC 5425).
+
+The collector here is a minimal one written for the test (a Python ``ssl``
+server that splits RFC 5425 octet-counted frames): a real TLS peer on
+loopback with a self-signed certificate generated in the test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from audit.syslog import BOM, MSGID, SyslogTlsForwarder, client_tls_context
+from tests.audit.helpers import store_event
+
+
+RFC5424 = re.compile(r"<(?P<pri>\d+)>1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<pid>\S+) (?P<msgid>\S+) "
+                     r"(?P<sd>-|(?:\[[^\]]*\])+) (?P<msg>.*)", re.S)
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class MiniCollector:
+    """Accepts TLS connections and collects RFC 5425 frames (``LEN SP MSG``)."""
+
+    def __init__(self, cert: Path, key: Path, port: int = 0) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[bytes] = []
+        self.tls_versions: list[str | None] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                raw, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=self._handle, args=(raw,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        try:
+            conn = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        self.tls_versions.append(conn.version())
+        buf = b""
+        with conn:
+            while True:
+                try:
+                    chunk = conn.recv(65536)
+                except (ssl.SSLError, OSError):
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                while b" " in buf:
+                    length_text, rest = buf.split(b" ", 1)
+                    length = int(length_text)
+                    if len(rest) < length:
+                        break
+                    self.messages.append(rest[:length])
+                    buf = rest[length:]
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.messages
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(2)
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> tuple[Path, Path]:
+    return _self_signed(tmp_path, "collector")
+
+
+@pytest.fixture
+def collector(certs):
+    server = MiniCollector(*certs)
+    yield server
+    server.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_each_durable_event_reaches_the_collector_as_an_rfc5424_dicom_audit_message(make_trail, collector, certs):
+    forwarder = SyslogTlsForwarder("127.0.0.1", collector.port, tls=client_tls_context(certs[0]))
+    trail = make_trail(listeners=[forwarder])
+    seqs = [trail.record(store_event(i)) for i in range(3)]
+    messages = collector.wait_for(3)
+    assert len(messages) == 3
+    text = messages[0].decode("utf-8")
+    assert text.startswith("<85>1 ")                         # facility 10 (auth), severity 5 (notice), version 1
+    match = RFC5424.match(text)
+    assert match is not None, text[:200]
+    assert match["app"] == "dermgate" and match["msgid"] == MSGID
+    assert match["sd"] == f'[meta sequenceId="{seqs[0]}"]'
+    xml = match["msg"]
+    assert xml.startswith(BOM)
+    root = ET.fromstring(xml[1:].encode("utf-8"))
+    assert root.tag == "AuditMessage"
+    assert root.find("EventIdentification/EventID").get("csd-code") == "110104"
+    assert collector.tls_versions[0] in ("TLSv1.2", "TLSv1.3")
+    forwarder.close()
+
+
+def test_a_collector_that_is_down_never_blocks_or_loses_the_local_record(make_trail, certs):
+    forwarder = SyslogTlsForwarder("127.0.0.1", _free_port(), tls=client_tls_context(certs[0]), queue_size=5,
+                                   connect_timeout=0.5, backoff_initial=0.05)
+    trail = make_trail(listeners=[forwarder])
+    start = time.monotonic()
+    for i in range(30):
+        trail.record(store_event(i))
+    assert time.monotonic() - start < 5.0
+    assert forwarder.stats.sent == 0 and forwarder.stats.dropped >= 30 - 5 - 1
+    assert len(list(trail.events())) == 30                   # every record is in the trail
+    forwarder.close(timeout=0.5)
+
+
+def test_queued_messages_are_delivered_once_the_collector_comes_up(make_trail, certs):
+    port = _free_port()
+    forwarder = SyslogTlsForwarder("127.0.0.1", port, tls=client_tls_context(certs[0]), backoff_initial=0.05,
+                                   backoff_max=0.2, connect_timeout=0.5)
+    trail = make_trail(listeners=[forwarder])
+    trail.record(store_event(1))
+    trail.record(store_event(2))
+    time.sleep(0.2)
+    server = MiniCollector(*certs, port=port)
+    try:
+        assert len(server.wait_for(2)) == 2
+        assert forwarder.stats.connect_failures >= 1
+    finally:
+        forwarder.close()
+        server.close()
+
+
+def test_a_collector_with_an_untrusted_certificate_gets_nothing(make_trail, collector, tmp_path):
+    other_ca, _ = _self_signed(tmp_path, "someone-else")
+    forwarder = SyslogTlsForwarder("127.0.0.1", collector.port, tls=client_tls_context(other_ca),
+                                   backoff_initial=0.05)
+    trail = make_trail(listeners=[forwarder])
+    trail.record(store_event(1))
+    time.sleep(0.5)
+    assert collector.messages == [] and forwarder.stats.sent == 0 and forwarder.stats.connect_failures >= 1
+    forwarder.close(timeout=0.2)
+
+
+def test_the_client_refuses_tls_below_1_2(certs):
+    assert client_tls_context(certs[0]).minimum_version >= ssl.TLSVersion.TLSv1_2
