@@ -251,7 +251,6 @@ class DicomForwardChannel:
             outcome=Outcome.SUCCESS if outcome.ok else Outcome.SERIOUS_FAILURE,
             actor=self.calling_ae_title,
             action=AUDIT_ACTION_READ,
-            actor_role="dermgate",
             destination=self.destination,
             patient_id=str(first.PatientID) if first is not None and first.get("PatientID") else None,
             study_uid=str(first.StudyInstanceUID) if first is not None and "StudyInstanceUID" in first else None,

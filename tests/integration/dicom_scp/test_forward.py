@@ -1,7 +1,8 @@
 """Forwarding the SC and SR to a real Orthanc PACS on loopback (plain and DICOM TLS).
 
-What arrived is checked through Orthanc's REST API. The audit sink here is an
-in-memory list: the real encrypted trail is tested in tests/audit.
+What arrived is checked through Orthanc's REST API. The first test records into
+the real encrypted audit trail; the others use an in-memory list (test double:
+the trail itself is tested in tests/audit).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import pytest
 from pydicom import Dataset, dcmread
 
 from audit.api import AuditEvent, EventType, Outcome
+from audit.keys import FileKeyProvider, init_keys, load_signer
+from audit.trail import AuditTrail
 from integration.dicom_scp import uids
 from integration.dicom_scp.forward import (
     DicomForwardChannel,
@@ -62,13 +65,17 @@ def _channel(peer: OrthancPeer, **kw: object) -> DicomForwardChannel:
 
 
 def test_sc_and_sr_arrive_in_orthanc_under_the_source_study(orthanc: OrthancPeer, tmp_path: Path) -> None:
-    """Both outputs are stored by the PACS in the source's study, the SR as Comprehensive 3D SR."""
+    """Both outputs are stored by the PACS in the source's study, the SR as Comprehensive 3D SR,
+    and the transfer is in the encrypted audit trail."""
     source, out = _outputs(tmp_path, "arrive")
-    audit = ListAudit()
-    channel = _channel(orthanc, audit=audit)
+    keys = init_keys(tmp_path / "keys")
+    trail = AuditTrail(tmp_path / "audit", FileKeyProvider(keys.keyring), load_signer(keys.signing_key))
+    channel = _channel(orthanc, audit=trail)
     assert channel.name == "dicom:pacs"
 
     outcome = channel.deliver({"files": [str(out.sc_path), str(out.sr_path)]})
+    events = [r.event for r in trail.events()]
+    trail.close()
 
     assert outcome.ok, outcome.reason
     stored = {tags["SOPInstanceUID"]: tags for tags in orthanc.study_instances(source.StudyInstanceUID)}
@@ -76,8 +83,9 @@ def test_sc_and_sr_arrive_in_orthanc_under_the_source_study(orthanc: OrthancPeer
     assert stored[out.sr.SOPInstanceUID]["SOPClassUID"] == uids.COMPREHENSIVE_3D_SR_STORAGE
     assert stored[out.sc.SOPInstanceUID]["SOPClassUID"] == uids.SECONDARY_CAPTURE_IMAGE_STORAGE
     assert stored[out.sc.SOPInstanceUID]["PatientID"] == source.PatientID
-    assert [e.event for e in audit.events] == [EventType.FORWARDED]
-    event = audit.events[0]
+    assert [e.event for e in events if e is not None] == [EventType.FORWARDED]
+    event = events[0]
+    assert event is not None
     assert event.outcome == Outcome.SUCCESS
     assert event.destination == f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
     assert (event.patient_id, event.study_uid) == (source.PatientID, source.StudyInstanceUID)
