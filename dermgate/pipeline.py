@@ -78,6 +78,7 @@ class Loaded:
     correlation_id: str
     image: ImageRef
     dataset: pydicom.Dataset
+    rgb: np.ndarray | None = None
 
 
 # ---- stages: small typed functions -------------------------------------------------------------
@@ -92,25 +93,23 @@ def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
 def classify(loaded: list[Loaded], classifier: Classifier) -> list[Prediction]:
     """Stage 2: decode pixels to RGB and run the model on the batch."""
     from integration.dicom_scp.decode import decode_rgb
-    images = [decode_rgb(item.dataset) for item in loaded]
-    return classifier.predict(images)
+    for item in loaded:
+        item.rgb = decode_rgb(item.dataset)
+    return classifier.predict([item.rgb for item in loaded])
+
+
+def derived_dir(image: ImageRef) -> str:
+    return f"derived/{image.study_instance_uid}/{image.sop_instance_uid}"
 
 
 def render(store: ObjectStore, item: Loaded, prediction: Prediction) -> Outputs:
-    """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, written durably."""
-    from integration.dicom_scp.outputs import build_outputs
-    sc, sr, png = build_outputs(item.dataset, prediction)
-    base = f"derived/{item.image.study_instance_uid}/{item.image.sop_instance_uid}"
-    paths = {}
-    for name, ds in (("sc", sc), ("sr", sr)):
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        store.put(f"{base}/{name}.dcm", buf.getvalue())
-        paths[name] = f"{base}/{name}.dcm"
-    store.put(f"{base}/gradcam.png", png)
-    return Outputs(sc_path=paths["sc"], sc_sop_instance_uid=str(sc.SOPInstanceUID),
-                   sr_path=paths["sr"], sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                   cam_png_path=f"{base}/gradcam.png")
+    """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, written and read back.
+
+    Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
+    """
+    from integration.dicom_scp.outputs import write_outputs
+    written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb)
+    return written.to_record(store.root)
 
 
 def prediction_from_json(data: dict[str, Any], cam: np.ndarray | None) -> Prediction:
@@ -230,7 +229,7 @@ class Worker:
 
     @staticmethod
     def _cam_path(image: ImageRef) -> str:
-        return f"derived/{image.study_instance_uid}/{image.sop_instance_uid}/cam.npy"
+        return f"{derived_dir(image)}/cam.npy"
 
     def _fail(self, job: Job, inst: Instance, reason: str, permanent: bool = False) -> None:
         attempts = job.attempts + 1
