@@ -36,7 +36,7 @@ from integration.fhir.settings import FhirSettings, SigningAlg
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GRANT_TYPE = "client_credentials"
-EXPIRY_SKEW_S = 30.0            # refresh this long before the token expires
+EXPIRY_SKEW_S = 30.0            # renew this long before the token expires (at most half its life)
 DEFAULT_TOKEN_LIFETIME_S = 300  # when the server omits expires_in
 MIN_RSA_BITS = 2048
 
@@ -167,7 +167,7 @@ class SmartBackendAuth(httpx.Auth):
 
     def _cached(self) -> str | None:
         with self._lock:
-            if self._token and self._token.expires_at - EXPIRY_SKEW_S > self._monotonic():
+            if self._token and self._token.expires_at > self._monotonic():
                 return self._token.value
             return None
 
@@ -199,8 +199,11 @@ class SmartBackendAuth(httpx.Auth):
             lifetime = float(body.get("expires_in", DEFAULT_TOKEN_LIFETIME_S))
         except (ValueError, KeyError, TypeError):
             raise FhirAuthError("token endpoint sent no usable access_token", status=response.status_code) from None
+        # Renew a little early (at most EXPIRY_SKEW_S, at most half the lifetime) so that a token
+        # never expires between our check and the server's.
+        usable_s = lifetime - min(EXPIRY_SKEW_S, lifetime / 2)
         with self._lock:
-            self._token = _Token(value, self._monotonic() + lifetime)
+            self._token = _Token(value, self._monotonic() + usable_s)
             self.tokens_fetched += 1
         return value
 

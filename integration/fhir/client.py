@@ -178,7 +178,12 @@ def _issues(response: httpx.Response) -> list[dict[str, Any]]:
     return [i for i in body.get("issue", []) if isinstance(i, dict)]
 
 
+SEVERITY_ORDER = {"fatal": 0, "error": 1, "warning": 2, "information": 3}
+
+
 def _issue_text(issues: list[dict[str, Any]]) -> str:
+    """The most severe issues first: a 400's reason is its errors, not the warnings beside them."""
+    issues = sorted(issues, key=lambda i: SEVERITY_ORDER.get(i.get("severity", ""), 4))
     parts = []
     for issue in issues[:MAX_ISSUES_IN_REASON]:
         text = issue.get("diagnostics") or issue.get("details", {}).get("text") or ""

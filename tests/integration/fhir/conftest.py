@@ -45,8 +45,11 @@ def fhir_settings(fhir: FhirTestServer) -> FhirSettings:
 def smart_key(tmp_path: Path, fhir: FhirTestServer) -> Callable[[SigningAlg], Path]:
     """Makes a key pair for an algorithm, registers its public JWK Set with the token endpoint
     and returns the private key's path."""
+    made: list[Path] = []
+
     def make(alg: SigningAlg = SigningAlg.RS384, client_id: str = TEST_CLIENT_ID, register: bool = True) -> Path:
-        path = tmp_path / f"smart-{alg.value}-{client_id}.pem"
+        path = tmp_path / f"smart-{alg.value}-{client_id}-{len(made)}.pem"
+        made.append(path)
         path.write_bytes(generate_private_key_pem(alg))
         if register:
             fhir.register_client(client_id, jwks([load_private_key(path, alg)]))

@@ -255,13 +255,18 @@ def _path(error: Any) -> str:
 # ---- a recording transport: every resource the service sends ----------------------------------------
 
 class RecordingTransport(httpx.HTTPTransport):
-    """The real HTTP transport, keeping a copy of each FHIR request body (no behaviour changed)."""
+    """The real HTTP transport, keeping a copy of each FHIR request body (no behaviour changed).
+    ``before`` runs just before a request goes out: tests use it to make a concurrent change
+    on the server at an exact moment (e.g. between a read and a versioned update)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, before: Callable[[httpx.Request], None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sent: list[tuple[str, str, dict[str, Any]]] = []
+        self.before = before
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.before is not None:
+            self.before(request)
         if request.method in ("POST", "PUT") and request.headers.get("content-type", "").startswith(
                 "application/fhir+json"):
             self.sent.append((request.method, str(request.url), json.loads(request.read())))

@@ -53,7 +53,7 @@ function freshState() {
     harnessTokens: new Set(), // the tests' own read tokens: never revoked or expired
     seenJti: new Set(),
     faults: [], // { target, method, pathPrefix, action, status, retryAfter, delayMs, times }
-    stats: { fhir: 0, token: 0, tokensIssued: 0, log: [] },
+    stats: { fhir: 0, token: 0, tokensIssued: 0, tokenDenied: [], log: [] },
   };
 }
 
@@ -120,11 +120,13 @@ function validationIssues(resource) {
   if (!resource || typeof resource !== 'object' || !resource.resourceType) {
     return [{ severity: 'error', code: 'structure', diagnostics: 'Missing resourceType' }];
   }
+  const blocking = (issues) => issues.filter((i) => i.severity === 'error' || i.severity === 'fatal');
   try {
-    return validateResource(resource).filter((i) => i.severity === 'error' || i.severity === 'fatal');
+    return blocking(validateResource(resource));
   } catch (err) {
-    const oo = normalizeOperationOutcome(err);
-    return oo.issue ?? [{ severity: 'error', code: 'invalid', diagnostics: String(err) }];
+    // The validator throws on errors, with its warnings mixed in: keep what blocks the write.
+    const issues = blocking(normalizeOperationOutcome(err).issue ?? []);
+    return issues.length ? issues : [{ severity: 'error', code: 'invalid', diagnostics: String(err) }];
   }
 }
 
@@ -233,8 +235,10 @@ async function handleToken(req, res, url) {
   state.stats.token += 1;
   const fault = takeFault('token', req.method, TOKEN_PATH);
   if (await applyPreFault(fault, req, res)) return;
-  const deny = (description) =>
+  const deny = (description) => {
+    state.stats.tokenDenied.push(description);
     send(res, 401, { error: 'invalid_client', error_description: description }, { 'Content-Type': 'application/json' });
+  };
   if (req.method !== 'POST') {
     send(res, 405, { error: 'invalid_request' });
     return;
