@@ -44,9 +44,9 @@ from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.reference import Reference
 
 from audit.api import AuditEvent, EventType, Outcome
-from audit.codes import (AUDIT_SOURCE_APPLICATION_SERVER, DCM_SYSTEM, OUTCOME_TEXT, PATIENT_NUMBER, ROLE_APPLICATION,
-                         ROLE_DESTINATION, ROLE_SOURCE, STUDY_INSTANCE_UID, Code, coding_for, DISCLOSURE_EVENTS,
-                         EXPORT as DCM_EXPORT)
+from audit.codes import (AUDIT_SOURCE_APPLICATION_SERVER, DCM_SYSTEM, DISCLOSURE_EVENTS, OUTCOME_TEXT,
+                         PATIENT_NUMBER, ROLE_APPLICATION, ROLE_DESTINATION, STUDY_INSTANCE_UID, Code, coding_for)
+from audit.codes import EXPORT as DCM_EXPORT
 from audit.errors import AuditConfigError
 from audit.format import AuditRecord, format_time
 from audit.search import AuditQuery, find, format_table, patients_of
@@ -226,7 +226,7 @@ def to_fhir(record: AuditRecord, ctx: ExportContext) -> FhirAuditEvent:
         entities.append(AuditEventEntity(
             type=Coding(system=ENTITY_TYPE, code=ENTITY_SYSTEM_OBJECT, display="System Object"),
             role=Coding(system=OBJECT_ROLE, code=ROLE_QUERY, display="Query"),
-            query=base64.b64encode(json.dumps(query, sort_keys=True, default=str).encode()).decode("ascii")))
+            query=base64.b64encode(json.dumps(query, sort_keys=True, default=str).encode())))
     resource_id = f"{ctx.log_id}-{record.seq}" if ctx.log_id else f"dermgate-audit-{record.seq}"
     return FhirAuditEvent(
         id=resource_id[:64],
