@@ -126,7 +126,13 @@ def add_arguments(subparsers: Any) -> None:
 # --- running ---------------------------------------------------------------------------------------
 
 def _actor(args: argparse.Namespace) -> str:
-    return getattr(args, "requested_by", None) or os.environ.get("DERMGATE_USER") or getpass.getuser()
+    explicit = getattr(args, "requested_by", None) or os.environ.get("DERMGATE_USER")
+    if explicit:
+        return explicit
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):                 # containers without a passwd entry
+        return f"uid:{os.getuid()}"
 
 
 def _query(args: argparse.Namespace) -> AuditQuery:

@@ -30,6 +30,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,7 @@ from audit.errors import (AuditConfigError, AuditError, AuditWriteError, Integri
                           TornTailError, WrongKeyError)
 from audit.format import (FORMAT_VERSION, GENESIS_PREV, LOG_FILE, SIGNED_KINDS, TORN_PREFIX, WITNESS_FILE,
                           AuditRecord, Kind, body_to_event, canonical_json, event_to_body, format_time, parse_time,
-                          seal, signed_payload)
+                          record_hash, seal, signed_payload)
 from audit.keys import KeyProvider, RecordCipher, Signer, TrustedKeys, load_public_key, load_signer, write_secret
 from audit.verify import VerifyReport, verify_log
 
@@ -128,18 +129,40 @@ class AuditTrail:
         self._io = threading.Lock()             # one committer / repairer per process at a time
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        self._fd = self._open_log()
         self._broken: IntegrityError | None = None
         try:
             self.log_id = self._open_genesis()
         except IntegrityError as exc:                 # still open, so verify can name the damage
             self._broken, self.log_id = exc, ""
         except BaseException:
+            self._closed = True
             os.close(self._fd)
             raise
+        self._reopen_after_fork()
         self._cipher = RecordCipher(keys, self.log_id)
 
     # --- opening -----------------------------------------------------------------------------
+
+    def _open_log(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+
+    def _reopen_after_fork(self) -> None:
+        """A forked child gets its own file description: an inherited one would share the flock
+        with the parent, and the two would no longer exclude each other."""
+        ref = weakref.ref(self)
+
+        def reopen() -> None:
+            trail = ref()
+            if trail is None or trail._closed:
+                return
+            inherited, trail._fd = trail._fd, trail._open_log()
+            os.close(inherited)
+            trail._cond = threading.Condition()
+            trail._queue, trail._leader = [], False
+            trail._io = threading.Lock()
+
+        os.register_at_fork(after_in_child=reopen)
 
     def _open_genesis(self) -> str:
         with self._flock():
@@ -159,9 +182,13 @@ class AuditTrail:
             genesis = json.loads(first)
             if genesis.get("kind") != Kind.GENESIS.value or genesis.get("seq") != 0:
                 raise ValueError("first record is not a genesis record")
+            if canonical_json(genesis) + b"\n" != first or record_hash(genesis) != genesis.get("hash"):
+                raise ValueError("genesis record altered")
+            # appending to a log someone else created (and signed) would launder it
+            self.trusted.verify(str(genesis.get("signer")), str(genesis.get("sig")), signed_payload(genesis))
             return str(genesis["log"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(0, f"genesis record unreadable ({exc}); run `dermgate audit verify`") from None
+        except (ValueError, KeyError, TypeError, AttributeError, SigningKeyError) as exc:
+            raise IntegrityError(0, f"genesis record invalid ({exc}); run `dermgate audit verify`") from None
 
     def _read_first_line(self) -> bytes:
         with open(self.path, "rb") as fh:

@@ -157,3 +157,13 @@ def test_integrity_can_be_checked_without_the_aes_key(audit_dir, keyring, signer
     assert verify_log(audit_dir, TrustedKeys([signer.public_key]), None).ok
     _write(audit_dir, log[:4] + log[5:])
     assert verify_log(audit_dir, TrustedKeys([signer.public_key]), None).first_bad.seq == 4
+
+
+def test_a_damaged_genesis_is_reported_at_record_0_and_the_trail_refuses_to_append(audit_dir, keyring, signer, log):
+    from audit.errors import IntegrityError
+    _write(audit_dir, [log[0][:20] + b"X" + log[0][21:]] + log[1:])
+    assert _verify(audit_dir, keyring, signer).first_bad.seq == 0
+    trail = AuditTrail(audit_dir, keyring, signer, checkpoint_seconds=None)
+    with pytest.raises(IntegrityError, match="record 0"):
+        trail.record(store_event())
+    trail.close()

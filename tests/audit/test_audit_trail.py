@@ -151,6 +151,29 @@ def test_two_writer_processes_at_once_keep_one_intact_chain(audit_dir, keyring, 
     trail.close()
 
 
+def _inherited_writer(trail: AuditTrail, tag: str, count: int) -> None:
+    for i in range(count):
+        trail.record(store_event(i, actor=tag))
+
+
+def test_processes_forked_after_the_trail_was_opened_still_exclude_each_other(make_trail):
+    """An inherited file description would share the parent's flock; the trail reopens its file after fork."""
+    trail = make_trail(checkpoint_every=10)
+    trail.record(store_event(0, actor="PARENT"))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_inherited_writer, args=(trail, tag, 60)) for tag in ("CHILD_A", "CHILD_B")]
+    for p in procs:
+        p.start()
+    _inherited_writer(trail, "PARENT", 30)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    report = trail.verify()
+    assert report.ok, report.summary()
+    actors = [r.event.actor for r in trail.events() if r.event]
+    assert actors.count("CHILD_A") == actors.count("CHILD_B") == 60 and actors.count("PARENT") == 31
+
+
 def test_key_rotation_keeps_old_records_readable_without_rewriting_them(tmp_path, audit_dir, signer):
     files = init_keys(tmp_path / "keys")
     provider = FileKeyProvider(files.keyring)
