@@ -71,6 +71,7 @@ class EventCoding:
     service_role: Code | None = None          # role of dermgate itself
     peer_role: Code | None = None             # role of the actor or destination
     peer_is_destination: bool = False         # the peer is ``destination`` rather than ``actor``
+    client_from_source: bool = False          # requests: ``source`` is the client process (Source Role ID)
 
 
 EVENT_CODES: dict[EventType, EventCoding] = {
@@ -83,8 +84,8 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.FORWARDED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_SOURCE, ROLE_DESTINATION, True),
     EventType.FHIR_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
     EventType.REVIEW: EventCoding(PATIENT_RECORD, None),
-    EventType.API_ACCESS: EventCoding(PATIENT_RECORD, None),
-    EventType.AUDIT_QUERY: EventCoding(QUERY, None),
+    EventType.API_ACCESS: EventCoding(PATIENT_RECORD, None, ROLE_DESTINATION, client_from_source=True),
+    EventType.AUDIT_QUERY: EventCoding(QUERY, None, ROLE_DESTINATION, client_from_source=True),
     EventType.AUDIT_EXPORT: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
     EventType.CONFIG_CHANGE: EventCoding(SECURITY_ALERT, SOFTWARE_CONFIGURATION),
     EventType.KEY_CHANGE: EventCoding(SECURITY_ALERT, SECURITY_CONFIGURATION),

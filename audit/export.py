@@ -45,7 +45,8 @@ from fhir.resources.R4B.reference import Reference
 
 from audit.api import AuditEvent, EventType, Outcome
 from audit.codes import (AUDIT_SOURCE_APPLICATION_SERVER, DCM_SYSTEM, DISCLOSURE_EVENTS, OUTCOME_TEXT,
-                         PATIENT_NUMBER, ROLE_APPLICATION, ROLE_DESTINATION, STUDY_INSTANCE_UID, Code, coding_for)
+                         PATIENT_NUMBER, ROLE_APPLICATION, ROLE_DESTINATION, ROLE_SOURCE, STUDY_INSTANCE_UID, Code,
+                         coding_for)
 from audit.codes import EXPORT as DCM_EXPORT
 from audit.errors import AuditConfigError
 from audit.format import AuditRecord, format_time
@@ -93,10 +94,12 @@ class ExportContext:
 
 def _network(address: str | None) -> tuple[str, str] | None:
     """(address, FHIR/DICOM network type) for ``host``, ``host:port``, ``AE@host:port`` or a URL."""
-    if not address:
+    if not address or address == "stdout":
         return None
     if "://" in address:
         return address, NETWORK_URI
+    if address.startswith(("/", ".")):          # a file path (export destination), not a network peer
+        return None
     host = address.split("@", 1)[-1]
     if host.startswith("["):
         host = host[1:].split("]", 1)[0]
@@ -135,7 +138,11 @@ def participants(event: AuditEvent, ctx: ExportContext) -> list[_Participant]:
     out: list[_Participant] = []
     if not service_is_actor:
         role = coding.peer_role if (coding.peer_role and not coding.peer_is_destination) else None
-        out.append(_Participant(event.actor, True, role, _dicom_network(event.source), event.actor_role))
+        network = None if coding.client_from_source else _dicom_network(event.source)
+        out.append(_Participant(event.actor, True, role, network, event.actor_role))
+    if coding.client_from_source and event.source:
+        # DICOM Query / BALP: the requesting process is the Source, the responder the Destination
+        out.append(_Participant(event.source, service_is_actor, ROLE_SOURCE, _dicom_network(event.source)))
     service_role = coding.service_role or ROLE_APPLICATION
     out.append(_Participant(ctx.source_id, service_is_actor, service_role, (ctx.hostname, NETWORK_MACHINE_NAME)))
     if event.destination and coding.peer_is_destination:
@@ -231,7 +238,8 @@ def to_fhir(record: AuditRecord, ctx: ExportContext) -> FhirAuditEvent:
     return FhirAuditEvent(
         id=resource_id[:64],
         meta=Meta(profile=[profile]) if profile else None,
-        type=type_, subtype=subtypes or None, action=event.action,
+        type=type_, subtype=subtypes or None,
+        action="R" if profile == PROFILE_DISCLOSURE else event.action,   # BALP: a disclosure is a read
         recorded=record.event_time, outcome=event.outcome.value, outcomeDesc=_outcome_desc(event),
         purposeOfEvent=_purpose(event.purpose),
         agent=agents,

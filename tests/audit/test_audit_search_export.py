@@ -102,6 +102,7 @@ def test_fhir_export_parses_as_an_r4_bundle_of_audit_events_with_balp_patterns(t
     read = next(e for e in events if e.meta and e.meta.profile == [PROFILE_PATIENT_READ])
     assert read.type.code == "rest" and read.subtype[0].code == "read"
     assert read.purposeOfEvent[0].coding[0].code == "TREAT"
+    assert {a.type.coding[0].code for a in read.agent} == {"IRCP", "110153", "110152"}   # user, client, server
     assert by_type[("110114", "E")].outcome == "4"               # the rejected association
 
 
