@@ -303,7 +303,8 @@ def to_dicom_element(event: AuditEvent, ctx: ExportContext) -> ET.Element:
         _coded(study, "ParticipantObjectIDTypeCode", STUDY_INSTANCE_UID)
         sop_class = event.detail.get("sop_class_uid")
         if sop_class and event.sop_instance_uids:
-            sop = ET.SubElement(study, "SOPClass", {"UID": str(sop_class),
+            description = ET.SubElement(study, "ParticipantObjectDescription")   # DICOMObjectDescriptionContents
+            sop = ET.SubElement(description, "SOPClass", {"UID": str(sop_class),
                                                    "NumberOfInstances": str(len(event.sop_instance_uids))})
             for uid in event.sop_instance_uids:
                 ET.SubElement(sop, "Instance", {"UID": uid})

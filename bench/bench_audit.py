@@ -31,14 +31,14 @@ from typing import Callable
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
 from audit.api import AuditEvent, EventType, Outcome
 from audit.keys import Keyring, Signer
 from audit.trail import AuditTrail
 
-VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
+VL_PHOTOGRAPHIC = UID("1.2.840.10008.5.1.4.1.1.77.1.4")
 STATUS_SUCCESS = 0x0000
 STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
 
@@ -117,8 +117,9 @@ class Scp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        assert server is not None
+        self.server = server
 
     def handle(self, event: evt.Event) -> int:
         self.count += 1

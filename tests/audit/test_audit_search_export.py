@@ -135,7 +135,7 @@ def test_dicom_export_is_well_formed_ps3_15_xml_with_the_right_event_ids(trail):
     assert patient.get("ParticipantObjectID") == ALICE
     assert patient.find("ParticipantObjectIDTypeCode").get("csd-code") == "2"
     assert study.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"
-    assert study.find("SOPClass").get("UID") == "1.2.840.10008.5.1.4.1.1.77.1.7"
+    assert study.find("ParticipantObjectDescription/SOPClass").get("UID") == "1.2.840.10008.5.1.4.1.1.77.1.7"
     forward = messages[3]
     dest = [p for p in forward.findall("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110152"]
     assert dest[0].get("UserID") == "PACS@10.0.0.9:104" and dest[0].get("NetworkAccessPointID") == "10.0.0.9"
