@@ -545,3 +545,18 @@ def test_systemd_units_take_keys_as_credentials_only() -> None:
                 target = value.split("=", 1)[1]
                 assert target.startswith("%d/") and target[3:] in loaded, (path.name, value)
         assert not any(re.search(r"://[^/@:\s]+:[^/@\s]+@", v) for k, v in pairs), f"{path.name}: password in a URL"
+
+
+# ---- docs --------------------------------------------------------------------------------------
+
+def test_operations_guide_documents_every_exported_metric() -> None:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from dermgate import metrics
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    exported = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    assert len(exported) >= 8
+    for metric in exported:
+        family = metric.describe()[0]
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in text, f"docs/operations.md does not describe {name}"
