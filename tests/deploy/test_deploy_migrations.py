@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect
 
@@ -64,7 +65,8 @@ def comparable(schema: dict[str, dict[str, object]]) -> dict[str, dict[str, obje
 def test_upgrade_head_creates_exactly_the_schema_of_the_models(database_url: str) -> None:
     migrate.upgrade(database_url)
     assert comparable(schema_of(database_url)) == comparable(metadata_schema())
-    assert migrate.schema_diff(database_url) == []        # what `alembic check` reports: nothing to generate
+    assert migrate.schema_diff(database_url) == []
+    command.check(migrate.alembic_config(database_url))   # `alembic check`: raises when a migration is missing
     assert migrate.current(database_url) == migrate.head()
 
 
@@ -136,8 +138,6 @@ def test_history_is_one_linear_chain() -> None:
 def test_offline_mode_emits_postgresql_ddl_for_a_dba() -> None:
     """`alembic upgrade head --sql`: the DDL can be reviewed and applied by a DBA without a connection."""
     import io
-
-    from alembic import command
     buf = io.StringIO()
     cfg = migrate.alembic_config("postgresql+psycopg2://nobody@127.0.0.1:9/none")
     cfg.output_buffer = buf
