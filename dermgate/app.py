@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.orm import sessionmaker
 
 from audit.api import AuditSink
-from dermgate.db import create_schema, make_engine, make_sessionmaker
+from dermgate.db import make_engine, make_sessionmaker
 from dermgate.pipeline import Dispatcher, Planner, Worker
 from dermgate.records import Channel
 from dermgate.settings import Settings
@@ -33,25 +33,25 @@ class Runtime:
         settings.workdir.mkdir(parents=True, exist_ok=True)
         self.db: DbEngine = make_engine(settings.db_url)
         if create:
-            if self.db.dialect.name == "sqlite":
-                create_schema(self.db)
-            else:
-                from dermgate.migrate import upgrade
-                upgrade(settings.db_url)
+            from dermgate.migrate import upgrade
+            upgrade(settings.db_url)   # safe from many processes at once (advisory lock / BEGIN IMMEDIATE)
         self.sessions: sessionmaker = make_sessionmaker(self.db)
         self.store = ObjectStore(settings.store_dir)
 
     @cached_property
     def audit(self) -> AuditSink:
-        from audit.setup import open_from_settings
-        return open_from_settings(self.settings)
+        return open_audit(self.settings)
 
     @cached_property
     def classifier(self) -> Any:
+        from dermgate import metrics
         from inference.engine import Engine
         m = self.settings.model
         threads = m.threads or max(1, (os.cpu_count() or 2))
-        return Engine(m.path, intra_op_threads=threads)
+        engine = Engine(m.path, intra_op_threads=threads)
+        for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
+            metrics.EXECUTION_PROVIDER.labels(provider).set(1 if engine.providers[0] == provider else 0)
+        return TimedClassifier(engine)
 
     @cached_property
     def channels(self) -> dict[str, Channel]:
@@ -79,6 +79,68 @@ class Runtime:
         if closer:
             closer()
         self.db.dispose()
+
+
+class TimedClassifier:
+    """The engine, with each batch's run time observed per execution provider."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def predict(self, images: list[Any]) -> list[Any]:
+        import time
+
+        from dermgate import metrics
+        t0 = time.perf_counter()
+        out = self.engine.predict(images)
+        metrics.INFERENCE_SECONDS.labels(self.engine.providers[0]).observe(time.perf_counter() - t0)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+class TimedAudit:
+    """The audit trail, with each durable write's latency observed."""
+
+    def __init__(self, trail: Any) -> None:
+        self.trail = trail
+
+    def record(self, event: Any) -> int:
+        import time
+
+        from dermgate import metrics
+        t0 = time.perf_counter()
+        seq = self.trail.record(event)
+        metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
+        return int(seq)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.trail, name)
+
+
+def open_audit(settings: Settings) -> TimedAudit:
+    """Open the audit trail from settings.
+
+    Keys come from ``DERMGATE_AUDIT_KEY`` / ``DERMGATE_AUDIT_SIGNING_KEY`` or
+    key files (0600). In development only, missing keys are generated under
+    ``<workdir>/keys`` so the demo needs no set-up; production refuses to start
+    without configured keys rather than invent them.
+    """
+    from audit.cli import open_configured_trail
+    from audit.keys import KEY_ENV, KEYRING_FILE, SIGNING_KEY_ENV, SIGNING_KEY_FILE, init_keys
+    a = settings.audit
+    key_dir = settings.workdir / "keys"
+    key_file = a.key_file or key_dir / KEYRING_FILE
+    signing = a.signing_key_file or key_dir / SIGNING_KEY_FILE
+    have_keys = (os.environ.get(KEY_ENV) or key_file.exists()) and (os.environ.get(SIGNING_KEY_ENV) or signing.exists())
+    if not have_keys and settings.environment == "development" and a.key_file is None:
+        init_keys(key_dir)
+        log.warning("audit_keys_generated", directory=str(key_dir), note="development only")
+    trail = open_configured_trail(settings.audit_dir, key_file, signing, checkpoint_every=a.checkpoint_every,
+                                  auto_repair=True, syslog_host=a.syslog_host, syslog_port=a.syslog_port,
+                                  syslog_ca_file=a.syslog_ca_file)
+    return TimedAudit(trail)
 
 
 def workdir_from(path: str | Path | None) -> Path:

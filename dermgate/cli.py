@@ -41,7 +41,8 @@ def _runtime(args: argparse.Namespace):  # noqa: ANN202
     from dermgate import logs
     from dermgate.app import Runtime
     settings = _settings(args)
-    logs.configure(settings.log_level, settings.log_dir / "dermgate.log", console=getattr(args, "verbose", False))
+    logs.configure(settings.log_level, None if settings.log_stderr_only else settings.log_dir / "dermgate.log",
+                   console=getattr(args, "verbose", False) or settings.log_stderr_only)
     return Runtime(settings)
 
 
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", parents=[common], help="verify, search and export the audit trail")
     try:
         from audit.cli import add_arguments as audit_args
-        audit_args(a)
+        audit_args(a.add_subparsers(dest="audit_command", required=True))
     except ImportError:  # pragma: no cover - audit package incomplete
         pass
     a.set_defaults(func=cmd_audit)

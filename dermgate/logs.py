@@ -15,16 +15,7 @@ from typing import Any
 
 import structlog
 
-PHI_KEYS = frozenset({"patient_id", "patient_name", "patient_birth_date", "birth_date", "PatientID",
-                      "PatientName", "PatientBirthDate", "issuer_of_patient_id", "accession_number"})
-REDACTED = "[redacted]"
-
-
-def redact_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in PHI_KEYS.intersection(event_dict):
-        event_dict[key] = REDACTED
-    return event_dict
-
+from audit.phi import redact_phi
 
 def configure(level: str = "INFO", log_file: Path | None = None, console: bool = False) -> None:
     """JSON lines to ``log_file`` (and stderr when ``console``)."""

@@ -66,7 +66,7 @@ class Service:
         import uvicorn
 
         from dermgate.api.main import create_app
-        app = create_app(self.rt)
+        app = create_app(self.rt, check_model="worker" in self.roles)
         cfg = uvicorn.Config(app, host=self.rt.settings.api.host, port=self.rt.settings.api.port,
                              log_level="warning", access_log=False)
         self.api_server = uvicorn.Server(cfg)

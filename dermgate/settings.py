@@ -13,19 +13,24 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from integration.fhir.settings import FhirSettings
 
 
-class AllowedCaller(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are errors, so a typo cannot pass silently."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedCaller(Section):
     """A calling AE title and the source hosts (IP addresses) it may connect from."""
     ae_title: str
     hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
 
 
-class Destination(BaseModel):
+class Destination(Section):
     """A C-STORE destination (PACS) for the SC and SR outputs."""
     name: str
     ae_title: str
@@ -34,7 +39,7 @@ class Destination(BaseModel):
     tls: bool = False
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(Section):
     """DICOM TLS (PS3.15 B.12/B.13, BCP 195): TLS 1.2 minimum."""
     enabled: bool = False
     port: int = 2762                                  # IANA-registered DICOM over TLS
@@ -44,7 +49,7 @@ class TlsSettings(BaseModel):
     require_client_cert: bool = False
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(Section):
     ae_title: str = "DERMGATE"
     host: str = "127.0.0.1"
     port: int = 11112
@@ -68,7 +73,7 @@ class DicomSettings(BaseModel):
         return v
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     lease_seconds: float = 120.0
     max_attempts: int = 5
     backoff_base_s: float = 2.0
@@ -77,12 +82,12 @@ class WorkerSettings(BaseModel):
     batch_size: int = 8
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     path: Path | None = None                          # default: the model shipped in the package
     threads: int = 0                                  # 0: ONNX Runtime decides
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(Section):
     directory: Path | None = None                     # default <workdir>/audit
     key_file: Path | None = None                      # default <workdir>/keys/audit.key (demo)
     signing_key_file: Path | None = None
@@ -92,7 +97,7 @@ class AuditSettings(BaseModel):
     syslog_ca_file: Path | None = None
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8080
     tokens_file: Path | None = None                   # bearer tokens -> user, role (hashed)
@@ -105,6 +110,7 @@ class Settings(BaseSettings):
     database_url: str | None = None                   # default sqlite:///<workdir>/dermgate.db
     environment: Literal["development", "production"] = "development"
     log_level: str = "INFO"
+    log_stderr_only: bool = False                     # containers: JSON logs to stderr, no log file
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -137,7 +143,7 @@ class Settings(BaseSettings):
 
     @property
     def audit_dir(self) -> Path:
-        return self.audit.directory or self.workdir / "audit"
+        return self.audit.directory or self.workdir / "audit-trail"
 
     @property
     def log_dir(self) -> Path:

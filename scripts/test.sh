@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 need=()
-for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
+for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools shellcheck:shellcheck; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
@@ -23,8 +23,10 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[test]'
 
-if [ -f tests/integration/fhir/server/package-lock.json ]; then
-  npm ci --prefix tests/integration/fhir/server --no-audit --no-fund --loglevel=error
-fi
+for dir in tests/integration/fhir/server tests/deploy/tools; do
+  if [ -f "$dir/package-lock.json" ]; then
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+  fi
+done
 
 exec .venv/bin/python -m pytest -q "$@"
