@@ -263,7 +263,7 @@ class FhirChannel:
                         "business_key": payload.get("business_key"),
                         "ms": round(1000 * (time.monotonic() - started), 1)}
         self.audit.record(AuditEvent(
-            event=EventType.FHIR_DELIVERY, outcome=result, actor=ACTOR, actor_role="system",
+            event=EventType.FHIR_DELIVERY, outcome=result, actor=ACTOR,
             action="U" if payload.get("kind") == KIND_REVIEW else "C",
             destination=self.client.base_url, patient_id=image.get("patient_id"),
             study_uid=image.get("study_instance_uid"),

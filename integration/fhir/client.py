@@ -110,8 +110,19 @@ class FhirClient:
         return resource, resource.get("meta", {}).get("versionId") or _etag_version(response.headers.get("ETag"))
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        """POST a transaction Bundle to the base; the transaction-response Bundle."""
-        return self._send("POST", "", json=bundle).json()
+        """POST a transaction Bundle to the base; the transaction-response Bundle, every entry 2xx
+        (a server that quietly processed it as a batch and failed an entry is refused here)."""
+        response = self._send("POST", "", json=bundle).json()
+        entries = response.get("entry", [])
+        if len(entries) != len(bundle.get("entry", [])):
+            raise FhirRejected(f"transaction-response has {len(entries)} entries for {len(bundle.get('entry', []))}")
+        for n, entry in enumerate(entries):
+            status = str(entry.get("response", {}).get("status", ""))
+            if not status[:1] == "2":
+                issues = entry.get("response", {}).get("outcome", {}).get("issue", [])
+                raise FhirRejected(f"transaction entry {n} answered {status or 'nothing'}"
+                                   + (f": {_issue_text(issues)}" if issues else ""), issues=issues)
+        return response
 
     def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> Created:
         """Create, conditionally when ``if_none_exist`` is given (200 = it existed, 201 = created)."""

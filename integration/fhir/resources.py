@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.fhirresourcemodel import FHIRResourceModel
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.documentreference import DocumentReference
@@ -220,8 +221,10 @@ def performer(settings: FhirSettings) -> dict[str, Any]:
     return {"display": settings.performer_display}
 
 
-def dump(model: Any) -> dict[str, Any]:
-    return model.model_dump(mode="json")
+def validated(model: type[FHIRResourceModel], fields: dict[str, Any]) -> dict[str, Any]:
+    """Runs the fields through the R4B model (structure, types, primitives' formats) and returns JSON.
+    The models do not check code bindings: the tests do that against the R4 JSON schema."""
+    return model.model_validate(fields).model_dump(mode="json")
 
 
 # ---- resources ----------------------------------------------------------------------------------
@@ -229,18 +232,17 @@ def dump(model: Any) -> dict[str, Any]:
 def build_device(prediction: Prediction, settings: FhirSettings, resource_id: str | None = None) -> dict[str, Any]:
     """The model as a Device: name, version, sha256 and device UID identifiers, manufacturer (IHE AIR)."""
     model = prediction.model
-    device = Device(
-        id=resource_id,
-        identifier=[{"system": settings.system("model-sha256"), "value": model.sha256},
-                    {"system": DICOM_UID, "value": f"urn:oid:{model.device_uid}"}],
-        status="active",
-        manufacturer=model.manufacturer,
-        deviceName=[{"name": model.name, "type": "model-name"}],
-        modelNumber=model.name,
-        version=[{"value": model.version}],
-        type={"text": "AI software for dermoscopy image classification (decision support)"},
-    )
-    return dump(device)
+    return validated(Device, {
+        "id": resource_id,
+        "identifier": [{"system": settings.system("model-sha256"), "value": model.sha256},
+                       {"system": DICOM_UID, "value": f"urn:oid:{model.device_uid}"}],
+        "status": "active",
+        "manufacturer": model.manufacturer,
+        "deviceName": [{"name": model.name, "type": "model-name"}],
+        "modelNumber": model.name,
+        "version": [{"value": model.version}],
+        "type": {"text": "AI software for dermoscopy image classification (decision support)"},
+    })
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ def _observation(ctx: _Context, kind: str, code: LocalCode, value: dict[str, Any
         fields["bodySite"] = {"text": ctx.image.body_site}
     if ctx.imaging_study_ref:
         fields["derivedFrom"] = [reference(ctx.imaging_study_ref)]
-    return dump(Observation(**fields))
+    return validated(Observation, fields)
 
 
 def build_observations(ctx: _Context, ids: dict[str, str | None] | None = None) -> dict[str, dict[str, Any]]:
@@ -368,7 +370,7 @@ def build_diagnostic_report(ctx: _Context, result_refs: list[str], cam_png: byte
         fields["imagingStudy"] = [reference(ctx.imaging_study_ref)]
     if contained:
         fields["contained"] = contained
-    return dump(DiagnosticReport(**fields))
+    return validated(DiagnosticReport, fields)
 
 
 def build_document_reference(ctx: _Context, related_refs: list[str], cam_png: bytes, pdf: bytes) -> dict[str, Any]:
@@ -383,24 +385,23 @@ def build_document_reference(ctx: _Context, related_refs: list[str], cam_png: by
     context: dict[str, Any] = {"period": {"start": ctx.effective}}
     if related:
         context["related"] = related
-    doc = DocumentReference(
-        identifier=_report_identifiers(ctx.image, ctx.settings),
-        status="current",
-        docStatus="preliminary",
-        type={"coding": [coding(LOINC, *LOINC_IMAGING_STUDY)], "text": LOCAL_DISPLAY[LocalCode.REPORT]},
-        subject=reference(ctx.patient_ref),
-        date=ctx.issued,
-        author=[performer(ctx.settings)],
-        description=conclusion_text(ctx.prediction)[:1000],
-        content=content,
-        context=context,
-    )
-    return dump(doc)
+    return validated(DocumentReference, {
+        "identifier": _report_identifiers(ctx.image, ctx.settings),
+        "status": "current",
+        "docStatus": "preliminary",
+        "type": {"coding": [coding(LOINC, *LOINC_IMAGING_STUDY)], "text": LOCAL_DISPLAY[LocalCode.REPORT]},
+        "subject": reference(ctx.patient_ref),
+        "date": ctx.issued,
+        "author": [performer(ctx.settings)],
+        "description": conclusion_text(ctx.prediction)[:1000],
+        "content": content,
+        "context": context,
+    })
 
 
 def build_placeholder_patient(system: str, value: str) -> dict[str, Any]:
     """A Patient holding only the identifier (policy ``create-placeholder``); the EHR merges it later."""
-    return dump(Patient(identifier=[{"system": system, "value": value}], active=True))
+    return validated(Patient, {"identifier": [{"system": system, "value": value}], "active": True})
 
 
 # ---- the bundle ---------------------------------------------------------------------------------
@@ -443,8 +444,8 @@ def build_report_bundle(image: ImageRef, prediction: Prediction, cam_png: bytes,
     elif profile.results is ResultsMode.RESOURCES:
         for kind, obs in build_observations(ctx).items():
             if profile.device is DeviceMode.CONTAINED:
-                obs = {**obs, "contained": [build_device(prediction, settings, resource_id="device")]}
-                obs = dump(Observation(**obs))
+                obs = validated(Observation, {**obs, "contained": [build_device(prediction, settings,
+                                                                                   resource_id="device")]})
             url = stable_urn(settings, f"observation:{sop}:{kind}")
             entries.append(_entry(url, obs, identifier_query(settings.system("observation"), f"{sop}:{kind}")))
             result_refs.append(url)
@@ -456,8 +457,7 @@ def build_report_bundle(image: ImageRef, prediction: Prediction, cam_png: bytes,
     else:
         report = build_document_reference(ctx, result_refs, cam_png, pdf)
     entries.append(_entry(report_url, report, report_query))
-    bundle = Bundle(type="transaction", entry=entries)
-    return dump(bundle)
+    return validated(Bundle, {"type": "transaction", "entry": entries})
 
 
 # ---- delivery-time edits of a prepared bundle --------------------------------------------------
@@ -534,16 +534,14 @@ def build_review_update(current: dict[str, Any], review: Review, settings: FhirS
     if updated.get("resourceType") == "DocumentReference":
         updated["docStatus"] = status
         updated["description"] = f"{summary} AI: {original}"[:1000]
-        model = DocumentReference
-    else:
-        updated["status"] = status
-        updated["resultsInterpreter"] = [clinician]
-        updated["conclusion"] = f"{summary} AI: {original}"
-        updated["text"] = _narrative(updated["conclusion"])
-        if not confirm and review.diagnosis in CLASSES:
-            updated["conclusionCode"] = [class_concept(review.diagnosis, settings)]
-        model = DiagnosticReport
-    return dump(model(**updated))
+        return validated(DocumentReference, updated)
+    updated["status"] = status
+    updated["resultsInterpreter"] = [clinician]
+    updated["conclusion"] = f"{summary} AI: {original}"
+    updated["text"] = _narrative(updated["conclusion"])
+    if not confirm and review.diagnosis in CLASSES:
+        updated["conclusionCode"] = [class_concept(review.diagnosis, settings)]
+    return validated(DiagnosticReport, updated)
 
 
 def _original_conclusion(current: dict[str, Any]) -> str:

@@ -96,9 +96,11 @@ class FhirTestServer:
         r.raise_for_status()
         return r.json()
 
-    def reset(self) -> None:
-        self.control("reset", {})
-        self._read_token = None
+    def reset(self, *, repository_only: bool = False) -> None:
+        """Empty the repository; unless ``repository_only``, also drop faults, clients, tokens and stats."""
+        self.control("reset", {"repository_only": repository_only})
+        if not repository_only:
+            self._read_token = None
 
     def configure(self, *, require_auth: bool | None = None, token_lifetime_s: int | None = None) -> None:
         body: dict[str, Any] = {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from typing import Any
 
 import httpx
@@ -401,3 +403,13 @@ def test_review_racing_another_update_gets_412_and_succeeds_on_the_retry(
     assert channel.deliver(payload).ok
     [final] = reports(fhir, image_ref())
     assert final["status"] == "final" and "(edited in the EHR)" in final["conclusion"]
+
+
+def test_retry_after_as_an_http_date_is_honoured(
+        fhir: FhirTestServer, patient: dict[str, Any], make_channel: ChannelFactory) -> None:
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
+    fhir.fault("status", status=503, retry_after=when, method="POST", path_prefix="/")
+    channel = make_channel()
+    outcome = channel.deliver(prepare(channel))
+    assert not outcome.ok and outcome.retryable
+    assert outcome.retry_after_s is not None and 110 <= outcome.retry_after_s <= 120

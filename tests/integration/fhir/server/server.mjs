@@ -40,8 +40,44 @@ for (const file of SEARCH_PARAMETER_BUNDLE_FILES) {
   indexSearchParameterBundle(readJson(file));
 }
 
+/**
+ * Token search on ``identifier`` by a direct comparison instead of a FHIRPath evaluation per stored
+ * resource (about 2 ms per Observation in MemoryRepository): an EHR indexes identifiers, and the
+ * conditional creates of every transaction search them. Same results; anything else goes to Medplum.
+ */
+class IdentifierIndexedRepository extends MemoryRepository {
+  async search(request) {
+    const filters = request.filters ?? [];
+    const [filter] = filters;
+    if (filters.length !== 1 || filter.code !== 'identifier' || (filter.operator && filter.operator !== 'eq') ||
+        request.sortRules?.length) {
+      return super.search(request);
+    }
+    const wanted = String(filter.value).split(',').map(parseToken);
+    const stored = this.resources.get(request.resourceType)?.values() ?? [];
+    let matches = [...stored].filter((r) => (r.identifier ?? []).some((id) => wanted.some((w) => tokenMatches(id, w))));
+    const total = matches.length;
+    if (request.offset !== undefined) matches = matches.slice(request.offset);
+    if (request.count !== undefined) matches = matches.slice(0, request.count);
+    const entry = matches.map((r) => ({ resource: structuredClone(r) }));
+    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total };
+  }
+}
+
+/** FHIR token ``[system]|[value]``: system|value, |value (no system), value (any system). */
+function parseToken(token) {
+  const bar = token.indexOf('|');
+  return bar < 0 ? { value: token } : { system: token.slice(0, bar), value: token.slice(bar + 1) };
+}
+
+function tokenMatches(identifier, wanted) {
+  if (identifier.value !== wanted.value) return false;
+  if (wanted.system === undefined) return true;
+  return wanted.system === '' ? !identifier.system : identifier.system === wanted.system;
+}
+
 const router = new FhirRouter();
-const repo = new MemoryRepository();
+const repo = new IdentifierIndexedRepository();
 
 const state = freshState();
 
@@ -309,7 +345,8 @@ async function handleControl(req, res, url) {
   const json = { 'Content-Type': 'application/json' };
   switch (`${req.method} ${url.pathname}`) {
     case 'POST /control/reset':
-      resetState();
+      if (body.repository_only) repo.clear();
+      else resetState();
       send(res, 200, { ok: true }, json);
       return;
     case 'POST /control/config':
@@ -383,7 +420,9 @@ const server = http.createServer(async (req, res) => {
   }
 });
 
-server.keepAliveTimeout = 5000;
+// Longer than clients keep idle connections, so a pooled connection is not closed under a request.
+server.keepAliveTimeout = 65000;
+server.headersTimeout = 66000;
 server.listen(Number(process.env.PORT ?? 0), '127.0.0.1', () => {
   process.stdout.write(JSON.stringify({ port: server.address().port }) + '\n');
 });
