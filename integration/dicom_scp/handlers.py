@@ -195,6 +195,8 @@ def _accept(intake: Intake, encoded: bytes, image: ImageRef, transfer_syntax: st
         return intake.accept(encoded, image, transfer_syntax)
     except StoreError as exc:
         raise Refusal(st.OUT_OF_RESOURCES, f"store cannot write: {exc}") from exc
+    except OSError as exc:                         # e.g. the store's folders cannot be created
+        raise Refusal(st.OUT_OF_RESOURCES, f"store cannot write: {exc.strerror or type(exc).__name__}") from exc
     except OperationalError as exc:                # database locked / unavailable / disk full
         log.warning("cstore_database_unavailable", error=type(exc.orig).__name__ if exc.orig else "")
         raise Refusal(st.OUT_OF_RESOURCES, "database unavailable") from exc
@@ -207,7 +209,8 @@ def parse(encoded: bytes) -> Dataset:
     fp = BytesIO(encoded)
     try:
         ds = dcmread(fp)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
+        # RecursionError: sequences nested beyond reason (a known parser bomb)
         raise Refusal(st.UNREADABLE_DATASET, f"data set cannot be parsed: {type(exc).__name__}") from exc
     # pydicom stops at an undefined-length element with no delimiter (rewinding to
     # its start) and keeps short values: both are truncations.

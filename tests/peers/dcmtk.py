@@ -117,3 +117,16 @@ def convert(tool: str, src: Path, dst: Path, *options: str) -> Path:
     """Run a dcmtk converter (dcmcjpeg, dcmdjpeg, dcmcrle) ``src`` -> ``dst``."""
     subprocess.run([tool, *options, str(src), str(dst)], check=True, capture_output=True, timeout=60)
     return dst
+
+
+def proposal(cfg_file: Path, sop_class: str, transfer_syntaxes: list[str]) -> list[str]:
+    """storescu options proposing exactly ``sop_class`` with ``transfer_syntaxes`` (one context).
+
+    Written as a dcmtk association profile (``-xf``): storescu's built-in ``-x?``
+    switches cannot propose e.g. JPEG Lossless Process 14 (.57).
+    """
+    ts_lines = "\n".join(f"TransferSyntax{i} = {ts}" for i, ts in enumerate(transfer_syntaxes, 1))
+    cfg_file.write_text("[[TransferSyntaxes]]\n[TS]\n" + ts_lines + "\n\n"
+                        "[[PresentationContexts]]\n[PC]\nPresentationContext1 = " + sop_class + "\\TS\n\n"
+                        "[[Profiles]]\n[Only]\nPresentationContexts = PC\n")
+    return ["-xf", str(cfg_file), "Only"]
