@@ -202,8 +202,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from audit.cli import run
+    if args.audit_command == "init-keys":
+        return int(run(args, None) or 0)
     rt = _runtime(args)
-    return int(run(args, rt.audit) or 0)
+    try:
+        return int(run(args, rt.audit.trail) or 0)
+    finally:
+        rt.close()
+
+
+class _WithParents:
+    """Adds common options (``--workdir``) to sub-commands another package defines."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+        self._sub, self._parents = subparsers, parents
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", []), *self._parents]  # type: ignore[misc]
+        return self._sub.add_parser(name, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,12 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
     c.set_defaults(func=cmd_config)
 
-    a = sub.add_parser("audit", parents=[common], help="verify, search and export the audit trail")
-    try:
-        from audit.cli import add_arguments as audit_args
-        audit_args(a.add_subparsers(dest="audit_command", required=True))
-    except ImportError:  # pragma: no cover - audit package incomplete
-        pass
+    workdir_only = argparse.ArgumentParser(add_help=False)
+    workdir_only.add_argument("--workdir", help="work dir (default: $DERMGATE_WORKDIR or the current directory)")
+    workdir_only.add_argument("-v", "--verbose", action="store_true", help="also log to stderr")
+    a = sub.add_parser("audit", parents=[workdir_only], help="verify, search and export the audit trail")
+    from audit.cli import add_arguments as audit_args
+    audit_args(_WithParents(a.add_subparsers(dest="audit_command", required=True), [workdir_only]))
     a.set_defaults(func=cmd_audit)
     return p
 
