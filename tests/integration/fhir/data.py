@@ -25,6 +25,12 @@ def image_ref(n: int = 1, **changes: object) -> ImageRef:
     return replace(ref, **changes)  # type: ignore[arg-type]
 
 
+def patient_resource(mrn: str = "MRN-0001") -> dict[str, object]:
+    """The test patient as the EHR registers it (the tests create it on the server)."""
+    return {"resourceType": "Patient", "identifier": [{"system": PATIENT_SYSTEM, "value": mrn}],
+            "name": [{"family": "Test", "given": ["Pat"]}], "gender": "unknown"}
+
+
 def cam_png(size: int = 64) -> bytes:
     """A small heatmap PNG like the one the renderer writes."""
     cam = (255 * gaussian_cam(size, size)).astype(np.uint8)

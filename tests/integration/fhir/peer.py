@@ -13,7 +13,9 @@ Fixtures (session server, function-level reset):
 - ``fhir``: the same server, reset (empty repository, no faults, auth off).
 - ``fhir_schema``: ``R4Schema``, validates resources against the official R4 JSON schema.
 - ``audit_sink``: ``ListAuditSink``, an in-memory AuditSink (the real trail is tested elsewhere).
-- ``smart_key``: an RS384 key pair registered with the server's token endpoint.
+- ``patient``: the test patient (MRN-0001 under the test hospital's identifier system) on ``fhir``.
+- ``fhir_settings``: FhirSettings for ``fhir`` (generic-r4, no auth, the test hospital's issuer mapped).
+- ``smart_key``: makes a key pair for an algorithm and registers its JWK Set with the token endpoint.
 
 ``start_fhir_server(port=...)`` starts an extra server (e.g. on a port that was
 down a moment ago); ``settle(...)`` is a minimal outbox loop for fault tests.
@@ -40,6 +42,9 @@ import pytest
 
 from audit.api import AuditEvent
 from dermgate.records import DeliveryOutcome
+from integration.fhir.auth import generate_private_key_pem, jwks, load_private_key
+from integration.fhir.settings import FhirSettings, SigningAlg
+from tests.integration.fhir.data import ISSUER, PATIENT_SYSTEM, patient_resource
 
 SERVER_DIR = Path(__file__).resolve().parent / "server"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
@@ -48,6 +53,7 @@ R4_SCHEMA_PATH = NODE_MODULES / "@medplum" / "definitions" / "dist" / "fhir" / "
 R4_SCHEMA_ID = "http://hl7.org/fhir/json-schema/4.0"
 START_TIMEOUT_S = 60.0
 NPM_HINT = "npm ci --prefix tests/integration/fhir/server"
+TEST_CLIENT_ID = "dermgate-test-client"
 
 
 def _require_server() -> None:
@@ -331,8 +337,8 @@ def settle(deliver: Callable[[dict[str, Any]], DeliveryOutcome], payloads: dict[
     return Settled(outcomes, sent, dead, retry_after)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=timezone.utc)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=timezone.utc)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------
@@ -360,3 +366,33 @@ def fhir_schema() -> R4Schema:
 @pytest.fixture
 def audit_sink() -> ListAuditSink:
     return ListAuditSink()
+
+
+@pytest.fixture
+def patient(fhir: FhirTestServer) -> dict[str, Any]:
+    """The test patient, registered on the EHR under the hospital's MRN system."""
+    return fhir.create(patient_resource())
+
+
+@pytest.fixture
+def fhir_settings(fhir: FhirTestServer) -> FhirSettings:
+    """Settings for the test server without auth (generic-r4), short timeouts."""
+    return FhirSettings.model_validate({
+        "base_url": fhir.base_url, "patient_identifier_systems": {ISSUER: PATIENT_SYSTEM},
+        "timeouts": {"connect_s": 2.0, "read_s": 5.0, "write_s": 5.0, "pool_s": 2.0}})
+
+
+@pytest.fixture
+def smart_key(tmp_path: Path, fhir: FhirTestServer) -> Callable[..., Path]:
+    """``smart_key(alg=RS384, client_id=TEST_CLIENT_ID, register=True) -> Path``: writes a new private
+    key (PEM), registers its public JWK Set for the client with the token endpoint, returns the path."""
+    made: list[Path] = []
+
+    def make(alg: SigningAlg = SigningAlg.RS384, client_id: str = TEST_CLIENT_ID, register: bool = True) -> Path:
+        path = tmp_path / f"smart-{alg.value}-{client_id}-{len(made)}.pem"
+        made.append(path)
+        path.write_bytes(generate_private_key_pem(alg))
+        if register:
+            fhir.register_client(client_id, jwks([load_private_key(path, alg)]))
+        return path
+    return make

@@ -24,9 +24,8 @@ from integration.fhir.channel import FhirChannel
 from integration.fhir.client import FhirClient, build_http_client
 from integration.fhir.errors import FhirConfigError
 from integration.fhir.settings import FhirSettings, SigningAlg
-from tests.integration.fhir.conftest import TEST_CLIENT_ID
 from tests.integration.fhir.data import ISSUER, PATIENT_SYSTEM, cam_png, image_ref, synthetic_prediction
-from tests.integration.fhir.peer import FhirTestServer, ListAuditSink, RecordingTransport
+from tests.integration.fhir.peer import TEST_CLIENT_ID, FhirTestServer, ListAuditSink, RecordingTransport
 
 PDF = b"%PDF-1.4 stand-in"
 KeyMaker = Callable[..., Path]
