@@ -106,6 +106,8 @@ def handle_conn_open(event: Event, network_timeout: float, audit: AuditSink, clo
         except Exception:
             log.exception("tls_audit_failed")
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown: SSLSocket.shutdown would drop the TLS state and let
+            # pynetdicom read the peer's ciphertext as PDUs; this way its next read fails cleanly.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
         except OSError:
             pass

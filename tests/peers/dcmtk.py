@@ -94,8 +94,8 @@ def tls_options(key: Path | None, cert: Path | None, ca: Path) -> list[str]:
     dcmtk's default profile is BCP 195 non-downgrading (TLS 1.2+); ``-rc`` (the
     default) verifies the SCP's certificate against ``ca``.
     """
-    auth = ["+tls", str(key), str(cert)] if key and cert else ["+tla"]
-    return [*auth, "-pem", "-pw", "+cf", str(ca)]
+    auth = ["+tls", str(key), str(cert), "-pem", "-pw"] if key and cert else ["+tla"]
+    return [*auth, "+cf", str(ca)]
 
 
 def echoscu(host: str, port: int, *, calling: str, called: str, options: list[str] | None = None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -91,6 +92,16 @@ class Harness:
             data = self.store.read(inst.path)
             assert hashlib.sha256(data).hexdigest() == inst.sha256 == Path(inst.path).stem
             assert len(data) == inst.size
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate``: server-side records land after the client has already given up."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def dicom_settings(**overrides: Any) -> DicomSettings:
