@@ -1,7 +1,6 @@
 """Pixel data to an RGB image, for the SCP's admission check and the classifier.
 
-The SCP calls :func:`check_image` then :func:`decode_rgb` on every received
-object before it answers, so an image that cannot be decoded is refused with a
+The SCP calls :func:`verify_decodable` on every received object before it answers, so an image that cannot be decoded is refused with a
 status instead of failing later in the pipeline; the pipeline worker calls
 :func:`decode_rgb` again on the stored object.
 
@@ -137,12 +136,44 @@ def decode_rgb(ds: Dataset, *, max_pixels: int | None = None) -> RGBImage:
     geo = geometry(ds)
     if max_pixels is not None:
         check_image(geo, max_pixels)
-    if (geo.transfer_syntax in _FAST_JPEG_SYNTAXES and geo.photometric in _FAST_JPEG_PHOTOMETRIC
-            and geo.samples_per_pixel == 3 and geo.bits_allocated == 8):
+    if _fast_jpeg(geo):
         rgb = _decode_jpeg_ybr(ds, geo)
         if rgb is not None:
             return rgb
     return _decode_generic(ds, geo)
+
+
+def verify_decodable(ds: Dataset, max_pixels: int) -> ImageGeometry:
+    """The SCP's admission check: the first frame decodes to the declared image.
+
+    For 8-bit YBR JPEG the scan is entropy-decoded in full but reconstructed at
+    1/8 scale (libjpeg DCT scaling): corrupt or truncated data fails exactly as
+    in a full decode, at a quarter of the cost. Everything else is decoded in full.
+    """
+    geo = geometry(ds)
+    check_image(geo, max_pixels)
+    if _fast_jpeg(geo):
+        frame = _first_frame(ds, geo)
+        try:
+            with Image.open(io.BytesIO(frame), formats=("JPEG",)) as im:
+                if im.info.get("adobe_transform") != _ADOBE_TRANSFORM_NONE and im.mode == "RGB":
+                    if im.size != (geo.columns, geo.rows):
+                        raise CorruptPixelData(f"JPEG is {im.size[0]}x{im.size[1]}, header says "
+                                               f"{geo.columns}x{geo.rows}")
+                    im.draft("RGB", (max(1, geo.columns // 8), max(1, geo.rows // 8)))
+                    im.load()
+                    return geo
+        except CorruptPixelData:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise CorruptPixelData(f"JPEG does not decode: {exc}"[:120]) from exc
+    decode_rgb(ds)
+    return geo
+
+
+def _fast_jpeg(geo: ImageGeometry) -> bool:
+    return (geo.transfer_syntax in _FAST_JPEG_SYNTAXES and geo.photometric in _FAST_JPEG_PHOTOMETRIC
+            and geo.samples_per_pixel == 3 and geo.bits_allocated == 8)
 
 
 def _first_frame(ds: Dataset, geo: ImageGeometry) -> bytes:

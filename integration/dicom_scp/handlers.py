@@ -43,7 +43,7 @@ from dermgate.settings import DicomSettings
 from dermgate.store import ObjectStore, StoreError
 from integration.dicom_scp import status as st
 from integration.dicom_scp.decode import (CorruptPixelData, DecodeError, NoPixelData, UnsupportedImage,
-                                          check_image, decode_rgb, geometry)
+                                          check_image, geometry, verify_decodable)
 
 log = structlog.get_logger(__name__)
 
@@ -168,7 +168,7 @@ def _receive(event: Event, intake: Intake, cfg: DicomSettings, store: ObjectStor
         check_image(geo, cfg.max_pixels)
         if store.free_bytes() < cfg.min_free_bytes:
             raise Refusal(st.OUT_OF_RESOURCES, "storage below its free-space reserve")
-        decode_rgb(ds)
+        verify_decodable(ds, cfg.max_pixels)
         result = _accept(intake, encoded, image, geo.transfer_syntax)
     except Refusal as refusal:
         return StoreOutcome(refusal.status, refusal.reason, image, None, details)

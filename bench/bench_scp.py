@@ -1,0 +1,216 @@
+"""Images per second received by dermgate's SCP from dcmtk's storescu, against dcmtk's storescp.
+
+Both receivers get the same N 600x450 JPEG Baseline files (HAM10000 samples upscaled and
+wrapped by img2dcm) from one ``storescu -xy`` association (TCP_NODELAY=1), in the same run.
+Ours runs with durability: the real Intake (fsynced object + SQLite WAL commit of the row and
+its job) and the real encrypted audit trail when it opens (``--audit none`` for a no-op sink);
+the line printed says which. A bare pynetdicom SCP that only writes files is measured too, as
+the ceiling of the toolkit.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_scp.py --n 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dermgate.db import create_schema, make_engine, make_sessionmaker  # noqa: E402
+from dermgate.intake import Intake  # noqa: E402
+from dermgate.settings import AllowedCaller, DicomSettings, Settings  # noqa: E402
+from dermgate.store import ObjectStore  # noqa: E402
+from integration.dicom_scp.scp import DicomService  # noqa: E402
+
+SIZE = (600, 450)                       # width x height, as the issue's target
+CALLING, CALLED = "BENCHSCU", "DERMGATE"
+SAMPLE_DIRS = (REPO / "dermgate" / "samples", REPO.parent / "shared" / "data" / "ham10000" / "images")
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class NullAudit:
+    def record(self, event: Any) -> int:
+        return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_files(folder: Path, n: int) -> list[Path]:
+    """N distinct JPEG Baseline VL Photographic files (cached in ``folder``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(folder.glob("img_*.dcm"))
+    if len(existing) >= n:
+        return existing[:n]
+    sources = [p for d in SAMPLE_DIRS if d.exists() for p in sorted(d.glob("*.jpg"))][:200]
+    if not sources:
+        raise SystemExit("no sample JPEGs found")
+    files = []
+    for i in range(n):
+        out = folder / f"img_{i:05d}.dcm"
+        files.append(out)
+        if out.exists():
+            continue
+        img = cv2.resize(cv2.imread(str(sources[i % len(sources)])), SIZE, interpolation=cv2.INTER_CUBIC)
+        jpg = folder / "tmp.jpg"
+        cv2.imwrite(str(jpg), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        subprocess.run(["img2dcm", "-vlp", "-k", f"PatientID=BENCH{i:05d}", "-k", "StudyID=1",
+                        str(jpg), str(out)], check=True, capture_output=True)
+    return files
+
+
+def send(port: int, files: list[Path]) -> float:
+    """Seconds for one storescu -xy association carrying ``files``."""
+    t0 = time.perf_counter()
+    res = subprocess.run(["storescu", "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
+                          *map(str, files)], capture_output=True, text=True, env=ENV)
+    elapsed = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"storescu failed ({res.returncode}): {res.stderr[-2000:]}")
+    return elapsed
+
+
+def open_audit(workdir: Path, kind: str) -> tuple[Any, str]:
+    if kind == "none":
+        return NullAudit(), "no-op audit sink"
+    try:
+        from dermgate.app import open_audit as open_real
+        return open_real(Settings(workdir=workdir)), "real encrypted audit trail (fsync per record)"
+    except Exception as exc:                    # the trail may be unavailable in a partial checkout
+        if kind == "real":
+            raise
+        return NullAudit(), f"no-op audit sink (real trail unavailable: {type(exc).__name__})"
+
+
+@contextmanager
+def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int) -> Iterator[tuple[int, str, ObjectStore, Any]]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(f"sqlite:///{workdir / 'dermgate.db'}")
+    create_schema(engine)
+    store = ObjectStore(workdir / "store")
+    audit, audit_desc = open_audit(workdir, audit_kind)
+    cfg = DicomSettings(ae_title=CALLED, port=0, max_pdu=max_pdu,
+                        allowed_callers=[AllowedCaller(ae_title=CALLING, hosts=["127.0.0.1"])])
+    service = DicomService(cfg, Intake(store, make_sessionmaker(engine)), audit, store)
+    service.start()
+    try:
+        assert service.port is not None
+        yield service.port, audit_desc, store, engine
+    finally:
+        service.stop(timeout=10)
+        getattr(audit, "close", lambda: None)()
+        engine.dispose()
+
+
+@contextmanager
+def dcmtk_storescp(outdir: Path) -> Iterator[int]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "+xa", "-aet", CALLED, "-od", str(outdir), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        _wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def bare_pynetdicom(outdir: Path) -> Iterator[int]:
+    """pynetdicom writing each received stream to a file: no checks, no fsync, no database."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import VLPhotographicImageStorage
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def on_store(event: Any) -> int:
+        (outdir / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
+        return 0x0000
+
+    ae = AE(ae_title=CALLED)
+    ae.add_supported_context(VLPhotographicImageStorage,
+                             [JPEGBaseline8Bit, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+def _wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--audit", choices=["auto", "real", "none"], default="auto")
+    ap.add_argument("--max-pdu", type=int, default=DicomSettings().max_pdu)
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare pynetdicom reference")
+    args = ap.parse_args(argv)
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scp_"))
+    files = make_files(root / "input", args.n)
+    warmup = make_files(root / "warmup", 5)
+    size_mb = sum(f.stat().st_size for f in files) / 2**20
+    print(f"{len(files)} files, 600x450 JPEG Baseline, {size_mb:.1f} MiB; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    rates: dict[str, float] = {}
+    run = root / f"run_{int(time.time())}"
+    with dermgate_scp(run / "dermgate", args.audit, args.max_pdu) as (port, audit_desc, store, engine):
+        send(port, warmup)
+        rates["dermgate"] = len(files) / send(port, files)
+        from sqlalchemy import text
+        with engine.connect() as c:
+            rows = c.execute(text("select count(*) from instances")).scalar_one()
+    if rows != len(files) + len(warmup):
+        raise SystemExit(f"expected {len(files) + len(warmup)} instance rows, found {rows}")
+    with dcmtk_storescp(run / "storescp") as port:
+        send(port, warmup)
+        rates["storescp"] = len(files) / send(port, files)
+    if not args.no_bare:
+        with bare_pynetdicom(run / "bare") as port:
+            send(port, warmup)
+            rates["bare"] = len(files) / send(port, files)
+
+    print(f"dermgate SCP (checks + decode, fsynced object, SQLite row + job, {audit_desc}; "
+          f"max PDU {args.max_pdu}): {rates['dermgate']:7.1f} images/s")
+    if "bare" in rates:
+        print(f"bare pynetdicom SCP (write file only, no fsync):          {rates['bare']:7.1f} images/s")
+    print(f"dcmtk storescp (write file only, no fsync):               {rates['storescp']:7.1f} images/s")
+    print(f"ratio dermgate / storescp: {rates['dermgate'] / rates['storescp']:.3f}"
+          + (f"; dermgate / bare pynetdicom: {rates['dermgate'] / rates['bare']:.2f}" if "bare" in rates else ""))
+    if args.workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
