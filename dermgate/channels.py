@@ -50,13 +50,101 @@ def build_planners(rt: Runtime) -> list[Any]:
     return planners
 
 
+FHIR_FILE_CHANNEL = "fhir-file"
+
+
+@dataclass
+class FhirPlanner:
+    """The FHIR report (and later review updates) for one image, prepared in the worker."""
+    channel: str
+    settings: Any   # FhirSettings
+
+    def plan(self, image: ImageRef, prediction: Prediction, outputs: Outputs,
+             store: ObjectStore) -> dict[str, Any] | None:
+        from integration.fhir.channel import prepare_report_payload
+        from dermgate.db import utcnow
+        return prepare_report_payload(image, prediction, store.read(outputs.cam_png_path), self.settings,
+                                      issued=utcnow())
+
+    def plan_review(self, image: ImageRef, result: dict[str, Any], review: Any, n_reviews: int) -> dict[str, Any]:
+        from integration.fhir.channel import FhirChannel
+        from integration.fhir.resources import Review, ReviewDecision
+        r = Review(review_id=str(review.id), decision=ReviewDecision(review.decision), reviewer=review.reviewer,
+                   reviewed_at=review.created_at, diagnosis=review.diagnosis, comment=review.comment)
+        # prepare_review only reads settings: no client or audit needed on the planning side.
+        return FhirChannel(self.settings, None, None).prepare_review(image, r)  # type: ignore[arg-type]
+
+
+class BundleDirectoryChannel:
+    """Writes each FHIR payload's bundle as JSON under a folder: the demo's stand-in for an EHR
+    when no FHIR server is given. Idempotent: one file per business key, rewritten atomically."""
+    name = FHIR_FILE_CHANNEL
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+
+    def deliver(self, payload: dict[str, Any]) -> Any:
+        import json
+        import os
+
+        from dermgate.records import DeliveryOutcome
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = payload["business_key"].replace(":", "_")
+        doc = payload.get("bundle") or payload
+        tmp = self.folder / f".{key}.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.folder / f"{key}.json")
+        return DeliveryOutcome(ok=True, remote_ref=f"file:{key}.json")
+
+
+def _fhir_settings(rt: Runtime) -> Any:
+    from integration.fhir.settings import FhirSettings
+    return rt.settings.fhir or FhirSettings()
+
+
 def _fhir_channels(rt: Runtime) -> dict[str, Channel]:
-    return {}
+    out: dict[str, Channel] = {}
+    fhir = rt.settings.fhir
+    if fhir is not None and fhir.base_url:
+        from integration.fhir.channel import FhirChannel
+        out["fhir"] = FhirChannel.from_settings(fhir, rt.audit)
+    if rt.settings.fhir_bundle_dir is not None:
+        out[FHIR_FILE_CHANNEL] = BundleDirectoryChannel(rt.settings.fhir_bundle_dir)
+    return out
 
 
 def _fhir_planners(rt: Runtime) -> list[Any]:
-    return []
+    fhir = rt.settings.fhir
+    planners: list[Any] = []
+    if fhir is not None and fhir.base_url:
+        planners.append(FhirPlanner("fhir", fhir))
+    if rt.settings.fhir_bundle_dir is not None:
+        planners.append(FhirPlanner(FHIR_FILE_CHANNEL, _fhir_settings(rt)))
+    return planners
 
 
 def public_jwks(rt: Runtime) -> dict[str, Any]:
-    return {"keys": []}
+    """The JWK Set of our SMART client key (public parts only), served for the EHR."""
+    fhir = rt.settings.fhir
+    if fhir is None or fhir.private_key_file is None:
+        return {"keys": []}
+    from integration.fhir.auth import jwks, load_private_key
+    return jwks([load_private_key(fhir.private_key_file, fhir.alg)])
+
+
+def fhir_token_obtainable(rt: Runtime) -> bool:
+    """Readiness: can we get an access token from the EHR's token endpoint right now?"""
+    ch = rt.channels.get("fhir")
+    auth = getattr(getattr(ch, "client", None), "http", None)
+    auth = getattr(auth, "auth", None) if auth is not None else None
+    if auth is None or not hasattr(auth, "_fetch"):
+        return True
+    import httpx
+    flow = auth._fetch()
+    request = next(flow)
+    with httpx.Client(timeout=10.0, verify=rt.settings.fhir.verify_tls) as http:  # type: ignore[union-attr]
+        try:
+            while True:
+                request = flow.send(http.send(request))
+        except StopIteration:
+            return True

@@ -136,7 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from integration.fhir.settings import FhirSettings
         fhir = FhirSettings(base_url=args.fhir_url, profile=args.fhir_profile, token_url=args.fhir_token_url,
                             client_id=args.fhir_client_id, private_key_file=args.fhir_key)
-    settings = Settings(workdir=workdir, dicom=dicom, fhir=fhir)
+    settings = Settings(workdir=workdir, dicom=dicom, fhir=fhir,
+                        fhir_bundle_dir=None if fhir else workdir / "fhir-bundles")
     logs.configure(settings.log_level, settings.log_dir / "dermgate.log")
     rt = Runtime(settings)
     samples = load_samples(args.images)

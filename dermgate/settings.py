@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     fhir: FhirSettings | None = None
+    fhir_bundle_dir: Path | None = None               # also write each FHIR bundle here (demo without an EHR)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

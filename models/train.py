@@ -80,6 +80,22 @@ def evaluate(model: nn.Module, xs: np.ndarray, ys: np.ndarray, bs: int = 64) -> 
     return m, lg
 
 
+def _cosine_tail(opt: torch.optim.Optimizer, steps: int, state: dict | None) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay from each group's current lr to 0 over ``steps`` (restored from ``state`` when resuming)."""
+    import math
+    if state and "tail_base" in state:
+        for g, base in zip(opt.param_groups, state["tail_base"]):
+            g["initial_lr"] = base
+        done = state["last_epoch"]
+    else:
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+        done = 0
+    total = steps + done
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)), last_epoch=done - 1 if done else -1)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", type=Path, required=True)
@@ -135,11 +151,21 @@ def main(argv: list[str] | None = None) -> None:
                                                 total_steps=epochs * steps_per_epoch, pct_start=0.1)
     args.out.mkdir(parents=True, exist_ok=True)
     last, best_path, log_path = args.out / "last.pt", args.out / "best.pt", args.out / "log.jsonl"
-    start_epoch, best_score = 0, -1.0
+    start_epoch, best_score, sched_kind = 0, -1.0, "onecycle"
     if last.exists():
         ck = torch.load(last, weights_only=False)
-        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
         start_epoch, best_score = ck["epoch"] + 1, ck["best_score"]
+        planned = ck.get("epochs") or ck["sched"].get("total_steps", 0) // steps_per_epoch
+        if planned == epochs and ck.get("sched_kind", "onecycle") == "onecycle":
+            sched.load_state_dict(ck["sched"])
+        else:
+            # The epoch budget changed on resume (e.g. shortened to finish in time on a
+            # busy CPU): anneal from the current learning rate to zero over what is left.
+            sched = _cosine_tail(opt, (epochs - start_epoch) * steps_per_epoch,
+                                 ck.get("tail") if ck.get("sched_kind") == "cosine_tail" else None)
+            sched_kind = "cosine_tail"
+            print(f"epoch budget changed {planned} -> {epochs}: cosine tail from the current lr", flush=True)
         rng = np.random.default_rng(d["seed"] + start_epoch)
         print(f"resumed at epoch {start_epoch} (best score {best_score:.4f})", flush=True)
 
@@ -169,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
             best_score = score
             torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics, "config": cfg}, best_path)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch, "best_score": best_score}, last)
+                    "epoch": epoch, "best_score": best_score, "epochs": epochs, "sched_kind": sched_kind,
+                    "tail": {"tail_base": [g.get("initial_lr") for g in opt.param_groups],
+                             "last_epoch": sched.last_epoch}}, last)
     print(f"training done; best validation score {best_score:.4f}; exporting", flush=True)
     from models.export import export
     export(args.config, best_path, Path("models"))

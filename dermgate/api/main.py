@@ -61,8 +61,8 @@ def readiness(rt: Runtime, check_model: bool = True) -> dict[str, dict[str, Any]
         checks["store"] = {"ok": False, "detail": exc.strerror}
     if rt.settings.fhir is not None and rt.settings.fhir.token_url:
         try:
-            ch = rt.channels.get("fhir")
-            checks["fhir_token"] = {"ok": bool(ch and ch.token_obtainable())}
+            from dermgate.channels import fhir_token_obtainable
+            checks["fhir_token"] = {"ok": fhir_token_obtainable(rt)}
         except Exception as exc:  # noqa: BLE001
             checks["fhir_token"] = {"ok": False, "detail": type(exc).__name__}
     return checks
