@@ -46,9 +46,11 @@ def readiness(rt: Runtime, check_model: bool = True) -> dict[str, dict[str, Any]
         checks["database"] = {"ok": False, "detail": type(exc).__name__}
     if check_model:
         try:
+            from inference.engine import sha256_file
             eng = rt.classifier
-            eng.verify()   # the file on disk still has the manifest's sha256
-            checks["model"] = {"ok": True, "providers": eng.providers}
+            # The file on disk must still be the one verified at load (not removed or replaced).
+            ok = eng.onnx_path.is_file() and sha256_file(eng.onnx_path) == eng.model_info.sha256
+            checks["model"] = {"ok": ok, "providers": eng.providers}
         except Exception as exc:  # noqa: BLE001
             checks["model"] = {"ok": False, "detail": str(exc)[:200]}
     try:
@@ -143,7 +145,7 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
                body: Annotated[ReviewIn, Body()], user: User = clinician) -> dict[str, Any]:
         from dermgate.review import ReviewError, submit_review
         if body.decision == "override" and not body.diagnosis:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "an override needs the clinician's diagnosis")
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "an override needs the clinician's diagnosis")
         try:
             return submit_review(rt, sop_instance_uid, reviewer=user.name, decision=body.decision,
                                  diagnosis=body.diagnosis, comment=body.comment,

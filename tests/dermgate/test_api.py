@@ -1,0 +1,91 @@
+"""HTTP API: health, readiness (really failing when a dependency is gone), metrics, auth, review."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from audit.api import EventType
+from dermgate.api.deps import hash_token
+from dermgate.api.main import create_app
+from dermgate.app import Runtime
+from dermgate.settings import ApiSettings, ModelSettings, Settings
+from inference.engine import default_model_dir
+from tests.dermgate.test_service_e2e import model_dir
+from tests.peers.postgres import create_database, drop_database
+
+TOKENS = {"clin-token": ("dr.derm", "clinician"), "ops-token": ("it.ops", "operator")}
+
+
+def make_runtime(tmp_path: Path, database_url: str | None = None) -> Runtime:
+    src = model_dir() or default_model_dir()
+    models = tmp_path / "model"
+    shutil.copytree(src, models, ignore=shutil.ignore_patterns("*.py", "__pycache__", "checkpoints", "configs"))
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({hash_token(t): {"user": u, "role": r} for t, (u, r) in TOKENS.items()}))
+    return Runtime(Settings(workdir=tmp_path / "work", database_url=database_url,
+                            model=ModelSettings(path=models, threads=1), api=ApiSettings(tokens_file=tokens)))
+
+
+def test_readyz_is_ok_with_every_dependency_and_turns_false_when_the_model_file_goes(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path)
+    client = TestClient(create_app(rt))
+    assert client.get("/healthz").status_code == 200
+    ok = client.get("/readyz")
+    assert ok.status_code == 200, ok.json()
+    assert ok.json()["checks"]["model"]["providers"][-1] == "CPUExecutionProvider"
+    onnx = next((tmp_path / "model").glob("*.onnx"))
+    onnx.write_bytes(onnx.read_bytes()[:-10] + b"tampered!!")
+    bad = client.get("/readyz")
+    assert bad.status_code == 503 and bad.json()["checks"]["model"]["ok"] is False
+    onnx.unlink()
+    assert client.get("/readyz").status_code == 503
+    rt.close()
+
+
+def test_readyz_turns_false_when_the_database_is_gone(tmp_path: Path, postgres_url: str) -> None:
+    url = create_database(postgres_url)
+    rt = make_runtime(tmp_path, url)
+    client = TestClient(create_app(rt, check_model=False))
+    assert client.get("/readyz").status_code == 200
+    rt.db.dispose()
+    drop_database(url)
+    gone = client.get("/readyz")
+    assert gone.status_code == 503 and gone.json()["checks"]["database"]["ok"] is False
+    rt.close()
+
+
+def test_metrics_expose_queue_depth_and_provider(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path)
+    _ = rt.classifier
+    body = TestClient(create_app(rt)).get("/metrics").text
+    assert 'dermgate_jobs{state="received"}' in body
+    assert 'dermgate_execution_provider{provider="CPUExecutionProvider"} 1.0' in body
+    rt.close()
+
+
+def test_results_need_a_clinician_token_and_every_failure_is_audited(tmp_path: Path) -> None:
+    rt = make_runtime(tmp_path)
+    client = TestClient(create_app(rt, check_model=False))
+    assert client.get("/api/v1/results/1.2.3").status_code == 401
+    assert client.get("/api/v1/results/1.2.3", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/v1/results/1.2.3", headers={"Authorization": "Bearer ops-token"}).status_code == 403
+    missing = client.get("/api/v1/results/1.2.3", headers={"Authorization": "Bearer clin-token"})
+    assert missing.status_code == 404 and "SOP Instance UID" in missing.json()["detail"]
+    kinds = [r.event.event for r in rt.audit.events()]
+    assert kinds.count(EventType.AUTH_FAILURE) == 3 and EventType.API_ACCESS in kinds
+    rt.close()
+
+
+@pytest.mark.parametrize("body, status", [({"decision": "override"}, 422), ({"decision": "maybe"}, 422),
+                                          ({"decision": "confirm"}, 404)])
+def test_review_refuses_bad_requests_with_a_reason(tmp_path: Path, body: dict, status: int) -> None:
+    rt = make_runtime(tmp_path)
+    client = TestClient(create_app(rt, check_model=False))
+    r = client.post("/api/v1/results/1.2.3/review", json=body, headers={"Authorization": "Bearer clin-token"})
+    assert r.status_code == status and r.json()["detail"]
+    rt.close()
