@@ -42,6 +42,52 @@ SAMPLE_DIRS = (REPO / "dermgate" / "samples", REPO.parent / "shared" / "data" / 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+class PrototypeIntake(Intake):
+    """A proposal for dermgate/intake.py, measured here and used by nothing else.
+
+    The object's write + fsync runs in a thread while the row and its job are inserted
+    with Core statements (no ORM unit of work, no SELECT before the INSERT) and
+    committed: the two fsyncs overlap. Both are done before ``accept`` returns, so
+    Success still follows durability; a crash between the two leaves either an
+    unreferenced object or a row whose object the SCU's resend writes again.
+    """
+
+    def __init__(self, store: ObjectStore, sessions: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        super().__init__(store, sessions)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="intake-io")
+
+    def accept(self, encoded: bytes, image: Any, transfer_syntax_uid: str) -> Any:
+        import hashlib
+        import uuid
+
+        from sqlalchemy import insert
+        from sqlalchemy.exc import IntegrityError
+
+        from dermgate.db import Instance, Job, JobState
+        from dermgate.intake import IntakeResult, IntakeStatus
+        written = self.pool.submit(self.store.put_object, encoded)
+        digest = hashlib.sha256(encoded).hexdigest()
+        rel = f"objects/{digest[:2]}/{digest}.dcm"
+        correlation_id = uuid.uuid4().hex[:16]
+        try:
+            with self.sessions.begin() as s:
+                iid = s.execute(insert(Instance).values(**image.to_json(), transfer_syntax_uid=transfer_syntax_uid,
+                                                        sha256=digest, size=len(encoded), path=rel)
+                                .returning(Instance.id)).scalar_one()
+                job_id = s.execute(insert(Job).values(instance_id=iid, state=JobState.RECEIVED,
+                                                      correlation_id=correlation_id)
+                                   .returning(Job.id)).scalar_one()
+        except IntegrityError:
+            written.result()
+            existing = self._existing(image.sop_instance_uid)
+            if existing is None:
+                raise
+            return existing if existing.sha256 == digest else IntakeResult(IntakeStatus.CONFLICT, None, None, digest)
+        written.result()
+        return IntakeResult(IntakeStatus.ACCEPTED, job_id, correlation_id, digest)
+
+
 class NullAudit:
     def record(self, event: Any) -> int:
         return 0
@@ -100,7 +146,8 @@ def open_audit(workdir: Path, kind: str) -> tuple[Any, str]:
 
 
 @contextmanager
-def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int) -> Iterator[tuple[int, str, ObjectStore, Any]]:
+def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int,
+                 intake_cls: type[Intake] = Intake) -> Iterator[tuple[int, str, ObjectStore, Any]]:
     workdir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(f"sqlite:///{workdir / 'dermgate.db'}")
     create_schema(engine)
@@ -108,7 +155,7 @@ def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int) -> Iterator[tuple
     audit, audit_desc = open_audit(workdir, audit_kind)
     cfg = DicomSettings(ae_title=CALLED, port=0, max_pdu=max_pdu,
                         allowed_callers=[AllowedCaller(ae_title=CALLING, hosts=["127.0.0.1"])])
-    service = DicomService(cfg, Intake(store, make_sessionmaker(engine)), audit, store)
+    service = DicomService(cfg, intake_cls(store, make_sessionmaker(engine)), audit, store)
     service.start()
     try:
         assert service.port is not None
@@ -173,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audit", choices=["auto", "real", "none"], default="auto")
     ap.add_argument("--max-pdu", type=int, default=DicomSettings().max_pdu)
     ap.add_argument("--no-bare", action="store_true", help="skip the bare pynetdicom reference")
+    ap.add_argument("--intake", choices=["service", "prototype"], default="service",
+                    help="prototype: the overlapped-fsync Intake proposed above (not the service's)")
     args = ap.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scp_"))
@@ -184,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rates: dict[str, float] = {}
     run = root / f"run_{int(time.time())}"
-    with dermgate_scp(run / "dermgate", args.audit, args.max_pdu) as (port, audit_desc, store, engine):
+    intake_cls = PrototypeIntake if args.intake == "prototype" else Intake
+    with dermgate_scp(run / "dermgate", args.audit, args.max_pdu, intake_cls) as (port, audit_desc, store, engine):
         send(port, warmup)
         rates["dermgate"] = len(files) / send(port, files)
         from sqlalchemy import text
@@ -201,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             rates["bare"] = len(files) / send(port, files)
 
     print(f"dermgate SCP (checks + decode, fsynced object, SQLite row + job, {audit_desc}; "
-          f"max PDU {args.max_pdu}): {rates['dermgate']:7.1f} images/s")
+          f"{args.intake} intake; max PDU {args.max_pdu}): {rates['dermgate']:7.1f} images/s")
     if "bare" in rates:
         print(f"bare pynetdicom SCP (write file only, no fsync):          {rates['bare']:7.1f} images/s")
     print(f"dcmtk storescp (write file only, no fsync):               {rates['storescp']:7.1f} images/s")
