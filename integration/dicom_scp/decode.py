@@ -26,7 +26,6 @@ Exceptions::
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Final
 
@@ -205,9 +204,8 @@ def _decode_jpeg_ybr(ds: Dataset, geo: ImageGeometry) -> RGBImage | None:
 
 def _decode_generic(ds: Dataset, geo: ImageGeometry) -> RGBImage:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")          # pydicom warns on recoverable oddities
-            arr = pixel_array(ds, index=0 if geo.frames > 1 else None, as_rgb=True)
+        # (no warnings.catch_warnings here: it swaps process-wide filters and is not thread-safe)
+        arr = pixel_array(ds, index=0 if geo.frames > 1 else None, as_rgb=True)
     except (NotImplementedError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
             EOFError, OSError, AttributeError) as exc:
         # pydicom raises RuntimeError when every codec plugin failed, ValueError for a
