@@ -114,7 +114,9 @@ def make_files(folder: Path, n: int) -> list[Path]:
         files.append(out)
         if out.exists():
             continue
-        img = cv2.resize(cv2.imread(str(sources[i % len(sources)])), SIZE, interpolation=cv2.INTER_CUBIC)
+        source = cv2.imread(str(sources[i % len(sources)]))
+        assert source is not None
+        img = cv2.resize(source, SIZE, interpolation=cv2.INTER_CUBIC)
         jpg = folder / "tmp.jpg"
         cv2.imwrite(str(jpg), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
         subprocess.run(["img2dcm", "-vlp", "-k", f"PatientID=BENCH{i:05d}", "-k", "StudyID=1",
@@ -184,8 +186,9 @@ def dcmtk_storescp(outdir: Path) -> Iterator[int]:
 def bare_pynetdicom(outdir: Path) -> Iterator[int]:
     """pynetdicom writing each received stream to a file: no checks, no fsync, no database."""
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import VLPhotographicImageStorage
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+
+    from integration.dicom_scp.uids import VL_PHOTOGRAPHIC_IMAGE_STORAGE
 
     outdir.mkdir(parents=True, exist_ok=True)
 
@@ -194,9 +197,10 @@ def bare_pynetdicom(outdir: Path) -> Iterator[int]:
         return 0x0000
 
     ae = AE(ae_title=CALLED)
-    ae.add_supported_context(VLPhotographicImageStorage,
+    ae.add_supported_context(VL_PHOTOGRAPHIC_IMAGE_STORAGE,
                              [JPEGBaseline8Bit, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
     try:
         yield int(server.server_address[1])
     finally:

@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.exc import OperationalError
 
@@ -295,11 +296,12 @@ def image_ref(ds: Dataset, calling_ae: str) -> ImageRef:
 
 def check_sop(image: ImageRef, event: Event) -> None:
     """The data set must be the instance and class that the request and its context announce."""
+    request = cast(C_STORE, event.request)
     context_class = str(event.context.abstract_syntax)
-    if image.sop_class_uid != context_class or str(event.request.AffectedSOPClassUID) != context_class:
+    if image.sop_class_uid != context_class or str(request.AffectedSOPClassUID) != context_class:
         raise Refusal(st.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                       "SOP Class UID differs from the presentation context")
-    if image.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+    if image.sop_instance_uid != str(request.AffectedSOPInstanceUID):
         raise Refusal(st.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                       "SOP Instance UID differs from the request")
 

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import structlog
+from pydicom.uid import UID
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -116,7 +117,7 @@ class AssociationPolicy:
 
     @staticmethod
     def check_contexts(requested: list[PresentationContext], supported: list[PresentationContext],
-                       roles: dict[str, tuple[bool | None, bool | None]]) -> Decision:
+                       roles: dict[UID, tuple[bool | None, bool | None]]) -> Decision:
         """Reject unless at least one proposed presentation context would be accepted."""
         results, _ = negotiate_as_acceptor(requested, supported, roles)
         accepted = [cx for cx in results if cx.result == 0x00]
@@ -160,9 +161,11 @@ def _record(audit: AuditSink, event: Event, calling_ae: str, accepted: bool, rea
 def handle_requested(event: Event, policy: AssociationPolicy, audit: AuditSink, clock: Clock) -> None:
     """EVT_REQUESTED: reject before negotiation when the policy says so (fail closed)."""
     assoc = event.assoc
-    rq = assoc.requestor.primitive
-    calling = str(rq.calling_ae_title).strip()
+    calling = ""
     try:
+        rq = assoc.requestor.primitive
+        assert rq is not None, "EVT_REQUESTED without an A-ASSOCIATE-RQ"
+        calling = str(rq.calling_ae_title).strip()
         decision = policy.admit(calling, str(rq.called_ae_title), assoc.requestor.address)
         if decision.accepted:
             roles = {uid: (item.scu_role, item.scp_role) for uid, item in assoc.requestor.role_selection.items()}
@@ -171,13 +174,16 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: AuditSink, 
     except Exception:
         log.exception("association_policy_error")
         decision = Decision.reject(REJECT_NO_CONTEXT, "policy error")
-    if decision.accepted:
+    if decision.accepted or decision.rejection is None:
         return                                   # pynetdicom negotiates; EVT_ACCEPTED audits
-    _record(audit, event, calling, False, decision.reason, clock,
-            rejection="%d/%d/%d" % decision.rejection if decision.rejection else None)
-    assert decision.rejection is not None
+    _record(audit, event, calling, False, decision.reason, clock, rejection=_triple(decision.rejection))
     assoc.acse.send_reject(*decision.rejection)
     assoc.kill()                                 # as pynetdicom does after its own rejections
+
+
+def _triple(rejection: tuple[int | None, ...]) -> str:
+    """A-ASSOCIATE-RJ result/source/reason as ``"1/1/3"`` for the audit record."""
+    return "/".join(str(part) for part in rejection)
 
 
 def handle_accepted(event: Event, audit: AuditSink, clock: Clock) -> None:
@@ -195,5 +201,4 @@ def handle_rejected(event: Event, audit: AuditSink, clock: Clock) -> None:
     reason = "association limit reached" if triple == (REJECTED_TRANSIENT, SOURCE_SERVICE_PROVIDER_PRESENTATION,
                                                        0x02) else "rejected by the DICOM stack"
     calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
-    _record(audit, event, calling, False, reason, clock,
-            rejection="%d/%d/%d" % triple if triple else None)
+    _record(audit, event, calling, False, reason, clock, rejection=_triple(triple) if triple else None)

@@ -48,7 +48,7 @@ class DeferredHandshakeContext(ssl.SSLContext):
     """An SSLContext whose server sockets do not handshake inside ``wrap_socket``."""
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
-                    suppress_ragged_eofs: bool = True, server_hostname: str | None = None,
+                    suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
                     session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
         return super().wrap_socket(sock, server_side=server_side,
                                    do_handshake_on_connect=do_handshake_on_connect and not server_side,
@@ -92,7 +92,8 @@ def handle_conn_open(event: Event, network_timeout: float, audit: AuditSink, clo
     sock.settimeout(network_timeout)      # a peer that stalls mid-PDU cannot pin a thread forever
     if not isinstance(sock, ssl.SSLSocket):
         return
-    host = event.address[0] if isinstance(event.address, tuple) else str(event.address)
+    address = getattr(event, "address", None)          # EVT_CONN_OPEN's (host, port)
+    host = str(address[0]) if isinstance(address, tuple) else str(address)
     try:
         sock.do_handshake()
     except (ssl.SSLError, OSError) as exc:
