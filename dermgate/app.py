@@ -135,8 +135,13 @@ def open_audit(settings: Settings) -> TimedAudit:
     signing = a.signing_key_file or key_dir / SIGNING_KEY_FILE
     have_keys = (os.environ.get(KEY_ENV) or key_file.exists()) and (os.environ.get(SIGNING_KEY_ENV) or signing.exists())
     if not have_keys and settings.environment == "development" and a.key_file is None:
-        init_keys(key_dir)
-        log.warning("audit_keys_generated", directory=str(key_dir), note="development only")
+        from audit.errors import AuditConfigError
+        try:
+            init_keys(key_dir)
+            log.warning("audit_keys_generated", directory=str(key_dir), note="development only")
+        except AuditConfigError:
+            pass   # another process of this work dir made them first
+
     trail = open_configured_trail(settings.audit_dir, key_file, signing, checkpoint_every=a.checkpoint_every,
                                   auto_repair=True, syslog_host=a.syslog_host, syslog_port=a.syslog_port,
                                   syslog_ca_file=a.syslog_ca_file)

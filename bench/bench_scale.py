@@ -1,0 +1,160 @@
+"""Scale-out on PostgreSQL: 2 SCP processes, 1 / 2 / 4 worker processes, one database, one store.
+
+    python -m bench.bench_scale [--images 1000] [--workers 1 2 4] [--pg-url URL]
+
+For each worker count: a fresh database and store; 2 ``dermgate serve --roles scp``
+processes; N ``dermgate serve --roles worker,dispatcher`` processes; 4
+concurrent dcmtk ``storescu`` associations (2 per SCP) send the images. It
+waits until every job is delivered, then checks exactly-once: one job per
+image, one outbox row per job, every row sent once, one report file per image
+(the FHIR bundle-folder channel stands in for the EHR here), no lease left.
+Throughput = images / (first send -> last report). The 1-worker run is the
+baseline for the ratios, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, func, select, text
+
+from dermgate.db import Job, JobState, OutboxItem, OutboxState
+from dermgate.demo import jpeg_to_dicom
+from tests.peers.dcmtk import dcmtk_env
+from tests.peers.orthanc import free_port
+from tests.peers.postgres import create_database, drop_database, start_server
+
+HAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000" / "images"
+BENCH_AE = "BENCHSCOPE"
+
+
+def make_files(folder: Path, n: int) -> list[Path]:
+    import cv2
+    from pydicom.uid import generate_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(HAM.glob("*.jpg"))[: max(n, 1)]
+    out = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        img = cv2.imread(str(src))
+        ds = jpeg_to_dicom(src.read_bytes(), img.shape[0], img.shape[1], f"BENCH-{i % 50:04d}", generate_uid(), i)
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def wait_listening(ports: list[int], timeout: float = 120.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SCP on port {port} did not start") from None
+                time.sleep(0.2)
+
+
+def run_once(pg_server_url: str, files: list[Path], workers: int, root: Path) -> dict[str, float]:
+    db_url = create_database(pg_server_url, prefix="bench_scale")
+    work = root / f"work-{workers}"
+    env = {**os.environ, "DERMGATE_WORKDIR": str(work), "DERMGATE_DATABASE_URL": db_url,
+           "DERMGATE_FHIR_BUNDLE_DIR": str(work / "reports"), "DERMGATE_MODEL__THREADS": "1",
+           "DERMGATE_DICOM__ALLOWED_CALLERS": f'[{{"ae_title": "{BENCH_AE}", "hosts": ["127.0.0.1"]}}]',
+           "DERMGATE_DICOM__MIN_FREE_BYTES": str(64 * 1024 * 1024), "DERMGATE_WORKER__POLL_INTERVAL_S": "0.05"}
+    work.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "dermgate.cli", "migrate"], env=env, check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "dermgate.cli", "serve"]
+    ports = [free_port(), free_port()]
+    procs = [subprocess.Popen([*cmd, "--roles", "scp"], env={**env, "DERMGATE_DICOM__PORT": str(p)})
+             for p in ports]
+    procs += [subprocess.Popen([*cmd, "--roles", "worker,dispatcher"], env=env) for _ in range(workers)]
+    engine = create_engine(db_url)
+    try:
+        wait_listening(ports)
+        time.sleep(3.0)  # workers' models loaded and verified
+        t0 = time.monotonic()
+        chunks = [files[i::4] for i in range(4)]
+        senders = [subprocess.Popen(["storescu", "-aet", BENCH_AE, "-aec", "DERMGATE", "-xy", "-R",
+                                     "127.0.0.1", str(ports[i % 2]), *map(str, chunk)],
+                                    env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for i, chunk in enumerate(chunks)]
+        for s in senders:
+            _, err = s.communicate(timeout=600)
+            if s.returncode != 0:
+                raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+        t_sent = time.monotonic() - t0
+        while True:
+            with engine.connect() as c:
+                done = c.scalar(select(func.count()).select_from(Job).where(
+                    Job.state.in_([JobState.DELIVERED, JobState.FAILED])))
+            if done >= len(files):
+                break
+            if time.monotonic() - t0 > 1800:
+                raise RuntimeError("timed out")
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+    with engine.connect() as c:
+        jobs = c.scalar(select(func.count()).select_from(Job))
+        delivered = c.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.DELIVERED))
+        outbox = c.scalar(select(func.count()).select_from(OutboxItem))
+        sent_once = c.scalar(select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.state == OutboxState.SENT, OutboxItem.attempts == 1))
+        leases = c.scalar(select(func.count()).select_from(Job).where(Job.lease_owner.is_not(None)))
+        per_job = c.execute(text("SELECT max(n) FROM (SELECT count(*) n FROM outbox GROUP BY job_id) t")).scalar()
+    engine.dispose()
+    drop_database(db_url)
+    reports = len(list((work / "reports").glob("*.json")))
+    ok = jobs == delivered == outbox == sent_once == reports == len(files) and per_job == 1 and leases == 0
+    return {"workers": workers, "images": len(files), "send_s": t_sent, "total_s": elapsed,
+            "images_per_s": len(files) / elapsed, "jobs": jobs, "delivered": delivered, "reports": reports,
+            "outbox_rows": outbox, "sent_first_try": sent_once, "leases_left": leases, "exactly_once": ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--pg-url", help="an existing PostgreSQL server (default: start one with initdb)")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dermgate-scale-"))
+    root.chmod(0o755)  # the PostgreSQL cluster runs as an unprivileged user
+    server = None
+    pg = args.pg_url
+    if pg is None:
+        server = start_server(root / "pg")
+        pg = server.url
+    try:
+        files = make_files(root / "src", args.images)
+        rows = [run_once(pg, files, n, root) for n in args.workers]
+    finally:
+        if server is not None:
+            server.stop()
+    base = rows[0]["images_per_s"]
+    print(f"\n{args.images} images, 2 SCP processes, 4 concurrent storescu associations, PostgreSQL, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"{'workers':>7} {'send s':>7} {'total s':>8} {'img/s':>7} {'vs 1':>5}  exactly-once (jobs/delivered/reports/outbox)")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['send_s']:>7.1f} {r['total_s']:>8.1f} {r['images_per_s']:>7.1f} "
+              f"{r['images_per_s'] / base:>5.2f}  {r['exactly_once']} "
+              f"({r['jobs']}/{r['delivered']}/{r['reports']}/{r['outbox_rows']}, leases left {r['leases_left']})")
+    if not all(r["exactly_once"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
