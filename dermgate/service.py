@@ -38,6 +38,7 @@ class Service:
         rt = self.rt
         rt.audit.record(AuditEvent(event=EventType.APP_START, outcome=Outcome.SUCCESS, actor="dermgate",
                                    detail={"version": __version__, "roles": sorted(self.roles)}))
+        self._audit_config_change()
         if "worker" in self.roles:
             _ = rt.classifier  # load + verify the model before taking work
             for i in range(self.n_workers):
@@ -55,6 +56,22 @@ class Service:
             self.scp = DicomService(rt.settings.dicom, rt.intake(), rt.audit, rt.store)
             self.scp.start()
         log.info("service_started", roles=sorted(self.roles), version=__version__)
+
+    def _audit_config_change(self) -> None:
+        """Record the effective configuration when it differs from the last one this work dir ran with
+        (HIPAA 164.312(b): configuration changes are security-relevant). Paths only, never key material."""
+        import hashlib
+        import json
+        public = self.rt.settings.public_dict()
+        digest = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
+        marker = self.rt.settings.workdir / ".config-sha256"
+        previous = marker.read_text().strip() if marker.exists() else None
+        if previous == digest:
+            return
+        self.rt.audit.record(AuditEvent(event=EventType.CONFIG_CHANGE, outcome=Outcome.SUCCESS, actor="dermgate",
+                                        action="U", detail={"sha256": digest, "previous_sha256": previous,
+                                                            "settings": public}))
+        marker.write_text(digest)
 
     def _thread(self, name: str, step: Any) -> None:
         t = threading.Thread(target=run_loop, args=(step, self.stop_event, self.rt.settings.worker.poll_interval_s),
