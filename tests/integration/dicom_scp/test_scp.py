@@ -270,3 +270,23 @@ def test_stop_lets_an_in_flight_association_finish(tmp_path: Path) -> None:
         assoc.release()
         stopper.join(timeout=10)
         assert not stopper.is_alive()
+
+
+def test_sixteen_bit_monochrome_is_accepted_and_decodes_to_equal_channels(
+        scp: Harness, uncompressed: Path, tmp_path: Path) -> None:
+    """MONOCHROME2, 16 bits: stored as sent; decoded to three equal 8-bit channels (Bits Stored scaling)."""
+    import numpy as np
+    ds = dcmread(uncompressed)
+    grey = ds.pixel_array.mean(axis=2).astype(np.uint16) * 257          # 0..65535
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = uids.SECONDARY_CAPTURE_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    del ds.PlanarConfiguration
+    ds.PixelData = grey.tobytes()
+    ds.save_as(tmp_path / "mono16.dcm")
+    out = send(scp, tmp_path / "mono16.dcm", [])
+    assert STORE_SUCCESS in out, out
+    rgb = decode_rgb(scp.stored_dataset(str(ds.SOPInstanceUID)))
+    assert rgb.shape == (*grey.shape, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 1].astype(int) - (grey >> 8)).max() == 0
