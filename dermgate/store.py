@@ -34,9 +34,9 @@ class ObjectStore:
     def put(self, rel: str, data: bytes) -> Path:
         """Write ``data`` at ``rel`` atomically and durably (file and directory fsynced)."""
         dest = self.root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
