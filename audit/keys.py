@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from dermgate.durable import write_atomic
 from audit.errors import AuditConfigError, IntegrityError, MissingKeyError, SigningKeyError, WrongKeyError
 from audit.format import associated_data, b64d, b64e
 
@@ -385,21 +386,7 @@ def private_pem(signer: Signer) -> bytes:
 
 def write_secret(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomically (re)place ``path`` with ``data``, created with ``mode`` from the start."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(Path(path), data, mode=mode, dir_mode=0o700)
 
 
 @dataclass(frozen=True)

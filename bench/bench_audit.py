@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset

@@ -85,15 +85,12 @@ class BundleDirectoryChannel:
 
     def deliver(self, payload: dict[str, Any]) -> Any:
         import json
-        import os
 
+        from dermgate.durable import write_atomic
         from dermgate.records import DeliveryOutcome
-        self.folder.mkdir(parents=True, exist_ok=True)
         key = payload["business_key"].replace(":", "_")
         doc = payload.get("bundle") or payload
-        tmp = self.folder / f".{key}.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.folder / f"{key}.json")
+        write_atomic(self.folder / f"{key}.json", json.dumps(doc, indent=1).encode())
         return DeliveryOutcome(ok=True, remote_ref=f"file:{key}.json")
 
 

@@ -10,10 +10,10 @@ and on NFSv4; the shared volume must offer atomic rename).
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import uuid
 from pathlib import Path
+
+from dermgate.durable import write_atomic
 
 
 class StoreError(Exception):
@@ -33,28 +33,10 @@ class ObjectStore:
 
     def put(self, rel: str, data: bytes) -> Path:
         """Write ``data`` at ``rel`` atomically and durably (file and directory fsynced)."""
-        dest = self.root / rel
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-            dfd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            return write_atomic(self.root / rel, data)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
-        return dest
 
     def put_object(self, data: bytes) -> tuple[str, str]:
         """Store received bytes content-addressed; returns (relative path, sha256)."""

@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate import __version__, metrics
-from dermgate.api.deps import CurrentUser, RuntimeDep, User, require
+from dermgate.api.deps import RuntimeDep, User, require
 from dermgate.app import Runtime
 from dermgate.db import Instance, Job, OutboxItem, OutboxState
 from dermgate.pipeline import queue_depth

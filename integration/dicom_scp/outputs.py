@@ -17,11 +17,11 @@ Errors::
 from __future__ import annotations
 
 import copy
-import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -35,6 +35,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
 import dermgate
+from dermgate.durable import write_atomic
 from dermgate.records import Outputs
 from inference.result import CLASSES, DISCLAIMER, Prediction, Risk
 from integration.dicom_scp import uids
@@ -135,7 +136,7 @@ def write_outputs(
     sc = write_verified(build_secondary_capture(source, rendered, prediction, now=now), out_dir / SC_FILE)
     sr = write_verified(build_ai_sr(source, prediction, sc, now=now), out_dir / SR_FILE)
     png = encode_png(rendered)
-    _atomic_write(out_dir / PNG_FILE, png)
+    write_atomic(out_dir / PNG_FILE, png)
     return WrittenOutputs(sc=sc, sr=sr, sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE,
                           png_path=out_dir / PNG_FILE, png=png)
 
@@ -237,14 +238,9 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
 
 def write_verified(ds: Dataset, path: Path) -> Dataset:
     """Write ``ds`` atomically as a DICOM file and return what reads back from it."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    write_atomic(path, buf.getvalue())
     back = dcmread(path)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if back.get(keyword) != ds.get(keyword):
@@ -377,15 +373,6 @@ def _decode_rgb(source: Dataset) -> npt.NDArray[np.uint8]:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise SourceDatasetError(f"source is not a single-frame colour or grey image: {arr.shape}")
     return arr.astype(np.uint8, copy=False)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --- SR content -------------------------------------------------------------------

@@ -11,7 +11,6 @@ A check whose tool is missing is skipped, naming what to install.
 from __future__ import annotations
 
 import http.server
-import os
 import re
 import shlex
 import shutil

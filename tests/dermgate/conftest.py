@@ -10,17 +10,8 @@ from sqlalchemy.orm import sessionmaker
 
 from dermgate.db import Base, create_schema, make_engine, make_sessionmaker
 from dermgate.store import ObjectStore
+from tests.peers.audit import ListAudit
 
-
-class ListAudit:
-    """In-memory AuditSink for core tests (the real trail is tested in tests/audit)."""
-
-    def __init__(self) -> None:
-        self.events: list = []
-
-    def record(self, event) -> int:  # noqa: ANN001
-        self.events.append(event)
-        return len(self.events)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

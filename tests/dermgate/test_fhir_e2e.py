@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from audit.api import EventType
 from dermgate.app import Runtime
-from dermgate.db import Job, JobState, OutboxItem, OutboxState
+from dermgate.db import JobState, OutboxItem, OutboxState
 from dermgate.review import submit_review
 from dermgate.service import Service
 from integration.fhir.settings import FhirSettings

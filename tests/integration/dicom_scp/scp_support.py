@@ -28,30 +28,17 @@ from pynetdicom import AE, _config
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from audit.api import AuditEvent, EventType
 from dermgate.db import Instance, Job, create_schema, make_engine, make_sessionmaker
 from dermgate.intake import Intake
 from dermgate.settings import AllowedCaller, DicomSettings
 from dermgate.store import ObjectStore
 from integration.dicom_scp.scp import DicomService
+from tests.peers.audit import ListAudit
 
 MODALITY = "MODALITY"
 SCP_AET = "DERMGATE"
 LOCALHOST = "127.0.0.1"
 
-
-class ListAudit:
-    """In-memory AuditSink (the real trail is another package's; see module docstring)."""
-
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    def record(self, event: AuditEvent) -> int:
-        self.events.append(event)
-        return len(self.events)
-
-    def of(self, kind: EventType) -> list[AuditEvent]:
-        return [e for e in self.events if e.event is kind]
 
 
 @dataclass

@@ -27,19 +27,10 @@ from integration.dicom_scp.outputs import WrittenOutputs, write_outputs
 from tests.peers.dcmtk import img2dcm, sample_jpeg
 from tests.peers.orthanc import OrthancPeer, free_port
 from tests.peers.results import synthetic_prediction
+from tests.peers.audit import ListAudit
 
 NOW = datetime(2025, 3, 4, 12, 30, 15, tzinfo=timezone.utc)
 
-
-class ListAudit:
-    """In-memory AuditSink (test double; the real trail is tested in tests/audit)."""
-
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    def record(self, event: AuditEvent) -> int:
-        self.events.append(event)
-        return len(self.events)
 
 
 class BrokenAudit:

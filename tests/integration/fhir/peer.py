@@ -40,11 +40,11 @@ from typing import Any
 import httpx
 import pytest
 
-from audit.api import AuditEvent
 from dermgate.records import DeliveryOutcome
 from integration.fhir.auth import generate_private_key_pem, jwks, load_private_key
 from integration.fhir.settings import FhirSettings, SigningAlg
 from tests.integration.fhir.data import ISSUER, PATIENT_SYSTEM, patient_resource
+from tests.peers.audit import ListAudit as ListAuditSink
 
 SERVER_DIR = Path(__file__).resolve().parent / "server"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
@@ -285,17 +285,6 @@ class RecordingTransport(httpx.HTTPTransport):
 
 
 # ---- an in-memory audit sink --------------------------------------------------------------------------
-
-class ListAuditSink:
-    """AuditSink that keeps events in a list. A test double on purpose: the encrypted, durable trail
-    is the audit package's and is tested there; here only what the channel records matters."""
-
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    def record(self, event: AuditEvent) -> int:
-        self.events.append(event)
-        return len(self.events)
 
 
 # ---- a minimal outbox loop ----------------------------------------------------------------------------
