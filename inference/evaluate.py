@@ -351,7 +351,9 @@ def run_evaluate(images_dir: Path, labels_csv: Path, out_dir: Path, engine: Pred
     probs = np.array([[preds[i].probabilities[c] for c in CLASSES] for i in ok]).reshape(-1, len(CLASSES))
     dx = [rows[i]["dx"] for i in ok]
     mal = [rows[i].get("malignant") for i in ok]
-    groups = [rows[i]["lesion_id"] for i in ok] if rows and "lesion_id" in rows[0] else None
+    # rows without a lesion id are their own group
+    groups = ([rows[i]["lesion_id"] or f"\0row{i}" for i in ok]
+              if rows and "lesion_id" in rows[0] else None)
     threshold = engine.calibration.referral_threshold
     metrics = classification_metrics(dx, probs, threshold, mal, groups, bootstrap)
     flagged = [preds[i] for i in ok]

@@ -29,7 +29,11 @@ FloatArray = npt.NDArray[np.float32]
 MIN_SIDE_PX = 64               # smaller carries no dermoscopic structure (data: >= 150)
 MIN_GREY_STD = 3.0             # blank or uniform; JPEG noise alone gives ~1 (data: >= 4.7)
 MIN_COLOURED_FRACTION = 0.01   # greyscale scans, radiographs, documents (data: >= 0.015)
-MAX_NON_SKIN_FRACTION = 0.75   # saturated green/cyan/blue/violet pixels (data: <= 0.59, a blue naevus)
+MAX_NON_SKIN_FRACTION = 0.75   # saturated green/cyan/blue/violet pixels after colour constancy
+                               # (data: <= 0.59, a blue naevus)
+MAX_GREEN_FRACTION = 0.5       # saturated green pixels as captured: skin under any dermatoscope
+                               # light is never green, unlike a blue cast (data: <= 0.26, 99.9% <= 0.1)
+_GREEN_HUE = (35, 85)          # OpenCV hue: 70-170 degrees
 _COLOURED_SATURATION = 24    # OpenCV saturation (0-255) above which a pixel counts as coloured
 _GATE_SIDE = 128             # the colour/contrast checks run on a downscaled copy: cheap, size-independent
 _NON_SKIN_HUE = (35, 150)    # OpenCV hue (0-180): 70-300 degrees; skin, blood and pigment lie outside
@@ -101,6 +105,7 @@ class GateStats:
     min_side: int
     grey_std: float
     coloured_fraction: float
+    green_fraction: float
     non_skin_fraction: float
 
 
@@ -110,16 +115,19 @@ def gate_stats(image: npt.NDArray[np.uint8]) -> GateStats:
     small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
                        interpolation=cv2.INTER_AREA) if scale < 1 else image
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    sat_raw = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)[..., 1]
-    # Hue is judged after colour constancy, as the model sees it: many older
-    # dermatoscopes give skin a strong blue cast that Shades of Gray removes.
+    raw = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    raw_informative = (raw[..., 1] >= _MIN_SATURATION) & (raw[..., 2] >= _MIN_VALUE)
+    green = raw_informative & (raw[..., 0] >= _GREEN_HUE[0]) & (raw[..., 0] <= _GREEN_HUE[1])
+    # Hue is judged after colour constancy too, as the model sees it: many older
+    # dermatoscopes give skin a strong blue cast that Shades of Gray removes (but it
+    # also neutralises a uniformly green frame, hence the raw green check).
     hsv = cv2.cvtColor(shades_of_gray(small), cv2.COLOR_RGB2HSV)
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     informative = (sat >= _MIN_SATURATION) & (val >= _MIN_VALUE)
     non_skin = informative & (hue >= _NON_SKIN_HUE[0]) & (hue <= _NON_SKIN_HUE[1])
     # Fractions of ALL pixels: a greyish image with a few blue pixels is not "non-skin".
-    return GateStats(min(h, w), float(grey.std()), float((sat_raw >= _COLOURED_SATURATION).mean()),
-                     float(non_skin.mean()))
+    return GateStats(min(h, w), float(grey.std()), float((raw[..., 1] >= _COLOURED_SATURATION).mean()),
+                     float(green.mean()), float(non_skin.mean()))
 
 
 def assess(image: npt.NDArray[np.uint8]) -> str | None:
@@ -137,6 +145,8 @@ def assess(image: npt.NDArray[np.uint8]) -> str | None:
     if s.coloured_fraction < MIN_COLOURED_FRACTION:
         return (f"greyscale or colourless image ({s.coloured_fraction:.0%} of pixels coloured); "
                 "dermoscopy images are colour photographs")
+    if s.green_fraction > MAX_GREEN_FRACTION:
+        return f"mostly green ({s.green_fraction:.0%} of pixels); not a dermoscopy image of skin"
     if s.non_skin_fraction > MAX_NON_SKIN_FRACTION:
         return (f"mostly non-skin colours ({s.non_skin_fraction:.0%} of pixels green/blue/violet "
                 "after colour constancy); not a dermoscopy image")

@@ -112,6 +112,70 @@ def _summary(m: dict) -> dict:
     return {k: m[k] for k in keys if k in m}
 
 
+def _f(v: object, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _ci(m: dict, key: str) -> str:
+    ci = m.get("ci95", {}).get(key)
+    return f"{_f(m.get(key))} ({_f(ci[0])}-{_f(ci[1])})" if ci and ci[0] is not None else _f(m.get(key))
+
+
+def render_tables(report: dict) -> str:
+    """Markdown tables of the report, pasted between the markers in MODEL_CARD.md."""
+    shipped = report["shipped_mode"]
+    out = [f"Shipped inference mode: **{'flip TTA' if shipped == 'tta' else 'single view'}**. "
+           "95% CIs: percentile bootstrap (1000 resamples; lesions on the HAM test split, images on ISIC 2017).", "",
+           "| data set | n | malignancy AUC | melanoma AUC | balanced accuracy | sensitivity @ referral | "
+           "specificity @ referral | sensitivity @ spec 0.80 | ECE (top class) | ECE (P malignant) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, key in (("HAM10000 test split (lesion-level)", "test"), ("ISIC 2017 (external)", "isic2017")):
+        m = report[key][shipped]
+        out.append(f"| {name} | {m['n']} | {_ci(m, 'malignancy_auc')} | {_ci(m, 'melanoma_auc')} | "
+                   f"{_ci(m, 'balanced_accuracy')} | {_ci(m, 'sensitivity')} | {_ci(m, 'specificity')} | "
+                   f"{_ci(m, 'sensitivity_at_specificity_0.80')} | {_ci(m, 'ece')} | {_ci(m, 'ece_malignancy')} |")
+    out += ["", "TTA on and off (same model, same calibration procedure; the choice was made on validation):", "",
+            "| data set | mode | malignancy AUC | melanoma AUC | balanced accuracy | sensitivity | specificity | ECE |",
+            "|---|---|---|---|---|---|---|---|"]
+    for key in ("test", "isic2017"):
+        for mode in ("plain", "tta"):
+            m = report[key][mode]
+            out.append(f"| {key} | {mode} | {_f(m['malignancy_auc'])} | {_f(m['melanoma_auc'])} | "
+                       f"{_f(m['balanced_accuracy'])} | {_f(m['sensitivity'])} | {_f(m['specificity'])} | {_f(m['ece'])} |")
+    for key, title in (("test", "HAM test split"), ("isic2017", "ISIC 2017")):
+        m = report[key][shipped]
+        out += ["", f"Risk levels on the {title}: " + ", ".join(f"{k} {v}" for k, v in m["risk_counts"].items())
+                + f"; low-confidence flags {m['n_low_confidence']}; not assessable {m['n_not_assessable']}."]
+    out += ["", "Subgroups on the HAM test split (lesion bootstrap CIs; groups under "
+            f"{MIN_SUBGROUP} images listed without metrics):", "",
+            "| attribute | group | n | malignant | malignancy AUC | sensitivity | specificity | balanced accuracy |",
+            "|---|---|---|---|---|---|---|---|"]
+    for attr, groups in report["subgroups_test"].items():
+        for g, m in groups.items():
+            if "note" in m:
+                out.append(f"| {attr} | {g} | {m['n']} | | | | | |")
+            else:
+                out.append(f"| {attr} | {g} | {m['n']} | {m['n_malignant']} | {_ci(m, 'malignancy_auc')} | "
+                           f"{_ci(m, 'sensitivity')} | {_ci(m, 'specificity')} | {_ci(m, 'balanced_accuracy')} |")
+    c = report["grad_cam_test"]
+    out += ["", f"Grad-CAM on the HAM test split ({c['n']} images, lesion masks thresholded at {c['mask_threshold']}): "
+            f"mean share of positive CAM mass inside the lesion **{c['mean_share_inside']:.1%}** "
+            f"(median {c['median_share_inside']:.1%}; {c['fraction_of_images_at_least_0.60']:.0%} of images at or "
+            f"above 60%). A flat map would score the mask's mean area share, {c['mean_mask_area_fraction']:.1%}."]
+    return "\n".join(out) + "\n"
+
+
+CARD_BEGIN, CARD_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def update_card(card: Path, tables: str) -> None:
+    text = card.read_text()
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        _, tail = rest.split(CARD_END, 1)
+        card.write_text(f"{head}{CARD_BEGIN}\n{tables}{CARD_END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ham", type=Path, default=Path("../shared/data/ham10000"))
@@ -147,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     report["grad_cam_test"] = cam_in_mask(engine, args.ham, [r["image_id"] for r in test])
     report["model"] = dict(engine.model_info.__dict__)
     (args.out / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    tables = render_tables(report)
+    (args.out / "results.md").write_text(tables)
+    update_card(model_dir / "MODEL_CARD.md", tables)
 
     manifest_path = model_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())

@@ -1,0 +1,39 @@
+"""Calibration choices made by models/export.py (needs the ``train`` extra: skipped without torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+from models.export import fit_temperature, referral_threshold, specificity_threshold  # noqa: E402
+
+
+def test_referral_threshold_keeps_the_target_sensitivity_on_the_data_it_was_fitted_on() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(1000) < 0.2).astype(int)
+    p = np.clip(rng.normal(0.3 + 0.4 * y, 0.2), 0, 1)
+    t = referral_threshold(p, y, 0.95)
+    assert (p[y == 1] >= t).mean() >= 0.95
+    pos = np.sort(p[y == 1])[::-1]
+    k = int(np.ceil(0.95 * len(pos)))
+    assert pos[k] < t <= pos[k - 1]  # any higher cut would lose the k-th malignant case
+
+
+def test_specificity_threshold_keeps_the_target_specificity() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(1000) < 0.2).astype(int)
+    p = np.clip(rng.normal(0.3 + 0.4 * y, 0.2), 0, 1)
+    t = specificity_threshold(p, y, 0.95)
+    assert (p[y == 0] < t).mean() >= 0.95
+    assert (p[y == 0] < t).mean() < 0.95 + 2 / (y == 0).sum()
+
+
+def test_temperature_recovers_the_scale_of_overconfident_logits() -> None:
+    """Logits drawn from a calibrated model then multiplied by 3: the fitted temperature is about 3."""
+    rng = np.random.default_rng(2)
+    true_logits = rng.normal(0, 1.5, size=(4000, 7))
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(7, p=row) for row in p])
+    t = fit_temperature((true_logits * 3).astype(np.float32), y)
+    assert t == pytest.approx(3.0, rel=0.1)
