@@ -31,12 +31,12 @@ def grad_cam(features: FloatArray, fc_weight: FloatArray, class_index: int,
     all zeros when no location speaks for the class."""
     if features.ndim != 3 or fc_weight.shape[1] != features.shape[0]:
         raise ValueError(f"features {features.shape} do not match fc weight {fc_weight.shape}")
-    cam = np.tensordot(fc_weight[class_index].astype(np.float32), features.astype(np.float32), axes=1)
-    cam = np.maximum(cam, 0.0)  # ReLU: keep only evidence for the class
+    weighted = np.tensordot(fc_weight[class_index].astype(np.float32), features.astype(np.float32), axes=1)
+    cam = np.maximum(weighted, 0.0)  # ReLU: keep only evidence for the class
     h, w = out_hw
     # Bilinear upsampling of the coarse (e.g. 5x5) grid to the image, as Grad-CAM does
     # (cubic would overshoot); then scale so the peak is 1.
-    out = cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    out = np.asarray(cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), np.float32)
     peak = float(out.max())
     out = out / peak if peak > 0 else np.zeros_like(out)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -46,9 +46,9 @@ def overlay(image_rgb: npt.NDArray[np.uint8], cam: FloatArray, alpha: float = 0.
     """Blend a JET heat map of ``cam`` over the image (RGB uint8, same size as the image)."""
     if image_rgb.shape[:2] != cam.shape:
         raise ValueError(f"cam {cam.shape} does not match image {image_rgb.shape[:2]}")
-    heat_bgr = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(image_rgb, 1.0 - alpha, heat, alpha, 0.0)
+    grey = (np.clip(cam, 0, 1) * 255).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return np.asarray(cv2.addWeighted(image_rgb, 1.0 - alpha, heat, alpha, 0.0), dtype=np.uint8)
 
 
 def mass_inside(cam: FloatArray, mask: npt.NDArray[np.bool_]) -> float:

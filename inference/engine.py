@@ -146,7 +146,7 @@ def decode_image(data: bytes, name: str = "image") -> npt.NDArray[np.uint8]:
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if bgr is None:
         raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.uint8)
 
 
 def tta_batch(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

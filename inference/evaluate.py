@@ -348,7 +348,8 @@ def run_evaluate(images_dir: Path, labels_csv: Path, out_dir: Path, engine: Pred
                         str(p.low_confidence).lower(), str(p.assessable).lower(), p.reason or ""])
 
     ok = [i for i, p in enumerate(preds) if p is not None]
-    probs = np.array([[preds[i].probabilities[c] for c in CLASSES] for i in ok]).reshape(-1, len(CLASSES))
+    scored: list[Prediction] = [p for p in preds if p is not None]
+    probs = np.array([[p.probabilities[c] for c in CLASSES] for p in scored]).reshape(-1, len(CLASSES))
     dx = [rows[i]["dx"] for i in ok]
     mal = [rows[i].get("malignant") for i in ok]
     # rows without a lesion id are their own group
@@ -356,14 +357,13 @@ def run_evaluate(images_dir: Path, labels_csv: Path, out_dir: Path, engine: Pred
               if rows and "lesion_id" in rows[0] else None)
     threshold = engine.calibration.referral_threshold
     metrics = classification_metrics(dx, probs, threshold, mal, groups, bootstrap)
-    flagged = [preds[i] for i in ok]
     metrics.update({
         "n_images": len(rows), "n_decode_errors": len(errors),
-        "n_not_assessable": sum(not p.assessable for p in flagged),
-        "n_low_confidence": sum(p.low_confidence for p in flagged),
+        "n_not_assessable": sum(not p.assessable for p in scored),
+        "n_low_confidence": sum(p.low_confidence for p in scored),
         "n_unlabelled": int(sum(malignant_label(d, m) is None and d not in CLASSES for d, m in zip(dx, mal))),
-        "risk_counts": {r: sum(p.risk.value == r for p in flagged)
-                        for r in sorted({p.risk.value for p in flagged})},
+        "risk_counts": {r: sum(p.risk.value == r for p in scored)
+                        for r in sorted({p.risk.value for p in scored})},
         "model": dict(engine.model_info.__dict__), "tta": engine.tta,
         "calibration": dict(engine.calibration.__dict__),
     })

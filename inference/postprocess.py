@@ -112,8 +112,8 @@ class GateStats:
 def gate_stats(image: npt.NDArray[np.uint8]) -> GateStats:
     h, w = image.shape[:2]
     scale = _GATE_SIDE / max(h, w)
-    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                       interpolation=cv2.INTER_AREA) if scale < 1 else image
+    small = np.asarray(cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                  interpolation=cv2.INTER_AREA), np.uint8) if scale < 1 else image
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     raw = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
     raw_informative = (raw[..., 1] >= _MIN_SATURATION) & (raw[..., 2] >= _MIN_VALUE)
