@@ -7,7 +7,7 @@ tests/dermgate); elsewhere only *what* a component records matters.
 
 from __future__ import annotations
 
-from audit.api import AuditEvent
+from audit.api import AuditEvent, EventType
 
 
 class ListAudit:
@@ -17,3 +17,6 @@ class ListAudit:
     def record(self, event: AuditEvent) -> int:
         self.events.append(event)
         return len(self.events)
+
+    def of(self, kind: EventType) -> list[AuditEvent]:
+        return [e for e in self.events if e.event is kind]
