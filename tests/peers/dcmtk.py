@@ -12,23 +12,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 IMG2DCM = shutil.which("img2dcm") or "/usr/bin/img2dcm"
 _REPO = Path(__file__).resolve().parents[2]
-SAMPLE_DIRS = (_REPO / "dermgate" / "samples", _REPO.parent / "shared" / "data" / "ham10000" / "images")
+# Only images committed to the repository: CI runs on a clean clone with no shared data beside it.
+SAMPLE_DIRS = (_REPO / "dermgate" / "samples", _REPO / "tests" / "data" / "samples")
 DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"
 VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
 
 
-def sample_jpeg(name: str = "ISIC_0024306.jpg") -> Path:
-    """A HAM10000 sample JPEG, bundled or from the shared data folder (skips the test when absent)."""
+def sample_jpeg(name: str = "ISIC_0024309.jpg") -> Path:
+    """A committed HAM10000 sample JPEG (dermgate/samples or tests/data/samples)."""
     for folder in SAMPLE_DIRS:
         if (folder / name).exists():
             return folder / name
-    pytest.skip(f"sample image {name} not found in {', '.join(map(str, SAMPLE_DIRS))}")
+    raise FileNotFoundError(f"sample image {name} not found in {', '.join(map(str, SAMPLE_DIRS))}")
 
 
 def img2dcm(jpeg: Path, out: Path, *, dermoscopic: bool = False, patient_id: str = "DG-TEST-0001",
