@@ -36,6 +36,8 @@ def build_channels(rt: Runtime) -> dict[str, Channel]:
         tls = None
         if d.tls:
             t = s.dicom.tls
+            if t.ca_file is None:
+                raise ValueError(f"destination {d.name} uses TLS: set dicom.tls.ca_file to verify the PACS")
             tls = client_tls_context(t.ca_file, t.cert_file, t.key_file)
         ch = DicomForwardChannel(d.name, d.ae_title, d.host, d.port, calling_ae_title=s.dicom.ae_title,
                                  tls=tls, base_dir=s.store_dir, audit=rt.audit)
@@ -139,7 +141,8 @@ def fhir_token_obtainable(rt: Runtime) -> bool:
     import httpx
     flow = auth._fetch()
     request = next(flow)
-    with httpx.Client(timeout=10.0, verify=rt.settings.fhir.verify_tls) as http:  # type: ignore[union-attr]
+    verify = rt.settings.fhir.verify_tls if rt.settings.fhir is not None else True
+    with httpx.Client(timeout=10.0, verify=str(verify) if not isinstance(verify, bool) else verify) as http:
         try:
             while True:
                 request = flow.send(http.send(request))

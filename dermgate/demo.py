@@ -84,6 +84,9 @@ def load_samples(folder: Path) -> list[tuple[str, Dataset, str | None]]:
     for i, path in enumerate(sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")), 1):
         data = path.read_bytes()
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            print(f"  skipping {path.name}: not a readable JPEG", file=sys.stderr)
+            continue
         row = truth.get(path.name, {})
         ds = jpeg_to_dicom(data, img.shape[0], img.shape[1], f"DEMO-{i:04d}", generate_uid(), i,
                            row.get("localization"))

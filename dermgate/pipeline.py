@@ -19,7 +19,6 @@ the channels and the output writers it calls.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -62,7 +61,8 @@ class Classifier(Protocol):
 
 
 class Planner(Protocol):
-    """Turns a finished result into an outbox payload for one channel (``None``: nothing to send)."""
+    """Turns a finished result into an outbox payload for one channel (``None``: nothing to send).
+    A planner may also offer ``plan_review(image, result, review, n_reviews)`` (see dermgate/review.py)."""
     channel: str
 
     def plan(self, image: ImageRef, prediction: Prediction, outputs: Outputs, store: ObjectStore) -> dict[str, Any] | None: ...
@@ -93,9 +93,10 @@ def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
 def classify(loaded: list[Loaded], classifier: Classifier) -> list[Prediction]:
     """Stage 2: decode pixels to RGB and run the model on the batch."""
     from integration.dicom_scp.decode import decode_rgb
-    for item in loaded:
-        item.rgb = decode_rgb(item.dataset)
-    return classifier.predict([item.rgb for item in loaded])
+    images = [decode_rgb(item.dataset) for item in loaded]
+    for item, rgb in zip(loaded, images):
+        item.rgb = rgb
+    return classifier.predict(images)
 
 
 def derived_dir(image: ImageRef) -> str:
@@ -333,6 +334,3 @@ def queue_depth(sessions: sessionmaker) -> dict[str, int]:
     depth.update({(st.value if hasattr(st, "value") else str(st)): n for st, n in rows})
     return depth
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

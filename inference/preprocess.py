@@ -35,22 +35,22 @@ def remove_hair(img: Image, kernel: int = 9, threshold: int = 12) -> Image:
     _, mask = cv2.threshold(blackhat, threshold, 255, cv2.THRESH_BINARY)
     if not mask.any():
         return img
-    return cv2.inpaint(img, mask, 3, cv2.INPAINT_TELEA)
+    return np.asarray(cv2.inpaint(img, mask, 3, cv2.INPAINT_TELEA), dtype=np.uint8)
 
 
 def resize_square(img: Image, size: int) -> Image:
     """Squash to size x size: the whole field of view is kept, as external sets
     (ISIC 2017, 256x256) were squashed rather than cropped."""
     interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    return np.asarray(cv2.resize(img, (size, size), interpolation=interp), dtype=np.uint8)
 
 
 def normalise(img: Image, mean: tuple[float, ...] = IMAGENET_MEAN,
               std: tuple[float, ...] = IMAGENET_STD) -> npt.NDArray[np.float32]:
     """uint8 HWC RGB -> float32 CHW, ImageNet-normalised."""
-    f = img.astype(np.float32) / 255.0
-    f = (f - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(f.transpose(2, 0, 1))
+    f = img.astype(np.float32) / np.float32(255.0)
+    f = np.divide(np.subtract(f, np.asarray(mean, np.float32)), np.asarray(std, np.float32), dtype=np.float32)
+    return np.ascontiguousarray(f.transpose(2, 0, 1), dtype=np.float32)
 
 
 def prepare(img: Image, size: int, *, colour_constancy: bool = True,

@@ -136,9 +136,10 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
     def heatmap(sop_instance_uid: str, request: Request, rt: RuntimeDep, user: User = clinician) -> Response:
         found = _find(rt, sop_instance_uid)
         _audit_read(rt, user, request, found[0] if found else None, "heatmap")
-        if not found or not (found[1].outputs or {}).get("cam_png_path"):
+        png_path = (found[1].outputs or {}).get("cam_png_path") if found else None
+        if not png_path:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no heatmap for this image (yet)")
-        return Response(rt.store.read(found[1].outputs["cam_png_path"]), media_type="image/png")
+        return Response(rt.store.read(png_path), media_type="image/png")
 
     @app.post("/api/v1/results/{sop_instance_uid}/review", status_code=201, tags=["review"])
     def review(sop_instance_uid: str, request: Request, rt: RuntimeDep,
