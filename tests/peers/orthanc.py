@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.peers.process import stop
+
 ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 ORTHANC_AET = "ORTHANC"
 ORTHANC_ALLOWED_CALLERS = ("DERMGATE", "DERMGATE_TEST")
@@ -141,12 +143,7 @@ def run_orthanc(root: Path, tls: TlsFiles | None = None) -> Iterator[OrthancPeer
         _wait_ready(peer, proc, root)
         yield peer
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc, timeout=15)
         log.close()
 
 

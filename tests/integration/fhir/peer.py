@@ -45,6 +45,7 @@ from integration.fhir.auth import generate_private_key_pem, jwks, load_private_k
 from integration.fhir.settings import FhirSettings, SigningAlg
 from tests.integration.fhir.data import ISSUER, PATIENT_SYSTEM, patient_resource
 from tests.peers.audit import ListAudit as ListAuditSink
+from tests.peers.process import stop
 
 SERVER_DIR = Path(__file__).resolve().parent / "server"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
@@ -188,12 +189,7 @@ def start_fhir_server(port: int = 0) -> Iterator[FhirTestServer]:
         server = FhirTestServer(port=_wait_for_port(proc), process=proc)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
 
 
 def _wait_for_port(proc: subprocess.Popen[bytes]) -> int:
