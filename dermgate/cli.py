@@ -9,6 +9,7 @@
     dermgate audit        verify, search, export the audit trail
     dermgate migrate      create / upgrade the database schema
     dermgate verify-model check the model file against its manifest
+    dermgate api-token    issue, list or revoke HTTP API bearer tokens
 
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory.
@@ -200,6 +201,53 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api_token(args: argparse.Namespace) -> int:
+    """Issue, list or revoke HTTP API bearer tokens. Only sha256 digests are stored (0600);
+    a new token is printed once. Every change is audited."""
+    import json
+    import secrets
+
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.api.deps import ROLES, hash_token
+    from dermgate.db import utcnow
+    from dermgate.durable import write_atomic
+    rt = _runtime(args)
+    path = rt.settings.api_tokens_file
+    tokens: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
+    if args.action == "list":
+        rows = [(v["user"], v["role"], v.get("created", ""), k[:12]) for k, v in sorted(tokens.items(),
+                                                                                         key=lambda kv: kv[1]["user"])]
+        print(_table(rows, ["user", "role", "created", "sha256 (head)"]))
+        return 0
+    if not args.name:
+        print("error: --name is required", file=sys.stderr)
+        return 2
+    if args.action == "add":
+        if args.role not in ROLES:
+            print(f"error: --role must be one of {', '.join(ROLES)}", file=sys.stderr)
+            return 2
+        token = secrets.token_urlsafe(32)
+        tokens[hash_token(token)] = {"user": args.name, "role": args.role, "created": utcnow().isoformat()}
+    else:
+        before = len(tokens)
+        tokens = {k: v for k, v in tokens.items() if v["user"] != args.name}
+        if len(tokens) == before:
+            print(f"no token for {args.name}", file=sys.stderr)
+            return 1
+    write_atomic(path, json.dumps(tokens, indent=1).encode(), mode=0o600, dir_mode=0o700)
+    rt.audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=args.user,
+                               actor_role="operator", action="C" if args.action == "add" else "D",
+                               detail={"api_token": args.action, "for_user": args.name,
+                                       "role": getattr(args, "role", None)}))
+    rt.close()
+    if args.action == "add":
+        print(token)
+        print(f"token for {args.name} ({args.role}) issued; it is shown only this once", file=sys.stderr)
+    else:
+        print(f"tokens of {args.name} revoked", file=sys.stderr)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from audit.cli import run
     if args.audit_command == "init-keys":
@@ -282,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", parents=[common], help="create or upgrade the database schema")
     m.set_defaults(func=cmd_migrate)
+
+    t = sub.add_parser("api-token", parents=[common], help="issue, list or revoke HTTP API bearer tokens")
+    t.add_argument("action", choices=["add", "list", "revoke"])
+    t.add_argument("--name", help="the person or system the token is for")
+    t.add_argument("--role", default="clinician", help="clinician, compliance or operator")
+    t.set_defaults(func=cmd_api_token)
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
     c.set_defaults(func=cmd_config)

@@ -100,7 +100,9 @@ class AuditSettings(Section):
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8080
-    tokens_file: Path | None = None                   # bearer tokens -> user, role (hashed)
+    tokens_file: Path | None = None                   # bearer tokens -> user, role (sha256 only); default <workdir>/keys/api-tokens.json
+    tls_cert_file: Path | None = None                 # serve HTTPS (TLS 1.2+) with this certificate chain
+    tls_key_file: Path | None = None                  # ... and this private key (file, 0600)
 
 
 class Settings(BaseSettings):
@@ -145,6 +147,10 @@ class Settings(BaseSettings):
     @property
     def audit_dir(self) -> Path:
         return self.audit.directory or self.workdir / "audit-trail"
+
+    @property
+    def api_tokens_file(self) -> Path:
+        return self.api.tokens_file or self.workdir / "keys" / "api-tokens.json"
 
     @property
     def log_dir(self) -> Path:

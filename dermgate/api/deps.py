@@ -37,8 +37,8 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 def _tokens(rt: Runtime) -> dict[str, dict[str, str]]:
-    path = rt.settings.api.tokens_file
-    if path is None or not path.exists():
+    path = rt.settings.api_tokens_file
+    if not path.exists():
         return {}
     return json.loads(path.read_text())
 

@@ -89,3 +89,64 @@ def test_review_refuses_bad_requests_with_a_reason(tmp_path: Path, body: dict, s
     r = client.post("/api/v1/results/1.2.3/review", json=body, headers={"Authorization": "Bearer clin-token"})
     assert r.status_code == status and r.json()["detail"]
     rt.close()
+
+
+def test_an_issued_token_opens_the_api_and_a_revoked_one_no_longer_does(tmp_path: Path) -> None:
+    """Tokens from `dermgate api-token` work at once, are stored hashed (0600), and revocation is immediate."""
+    import subprocess
+    import sys
+    work = tmp_path / "work"
+    run = [sys.executable, "-m", "dermgate.cli", "api-token"]
+    issued = subprocess.run([*run, "add", "--name", "dr.a", "--role", "clinician", "--workdir", str(work)],
+                            capture_output=True, text=True, check=True)
+    token = issued.stdout.strip()
+    stored = (work / "keys" / "api-tokens.json")
+    assert token and token not in stored.read_text() and stored.stat().st_mode & 0o077 == 0
+    rt = Runtime(Settings(workdir=work))
+    client = TestClient(create_app(rt, check_model=False))
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/v1/results/1.2.3", headers=headers).status_code == 404   # authenticated, not found
+    subprocess.run([*run, "revoke", "--name", "dr.a", "--workdir", str(work)], check=True, capture_output=True)
+    assert client.get("/api/v1/results/1.2.3", headers=headers).status_code == 401
+    assert any(r.event.event is EventType.KEY_CHANGE for r in rt.audit.events())
+    rt.close()
+
+
+def test_api_serves_https_with_tls12_or_later_only(tmp_path: Path) -> None:
+    import ssl
+    import time
+
+    import httpx
+
+    from dermgate.service import Service
+    from tests.peers.orthanc import free_port, make_test_pki
+    pki = make_test_pki(tmp_path / "pki", hostname="localhost")
+    port = free_port()
+    rt = Runtime(Settings(workdir=tmp_path / "work", api=ApiSettings(
+        port=port, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key)))
+    service = Service(rt, roles={"api"})
+    service.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(f"https://localhost:{port}/healthz", verify=ctx, timeout=2)
+                break
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert r.status_code == 200
+        old = ssl.create_default_context(cafile=str(pki.ca_cert))
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+        try:
+            httpx.get(f"https://localhost:{port}/healthz", verify=old, timeout=2)
+            raise AssertionError("TLS 1.1 was accepted")
+        except (httpx.ConnectError, ssl.SSLError):
+            pass
+    finally:
+        service.stop()
+        rt.close()
