@@ -53,6 +53,9 @@ class Service:
             self._start_api()
         if "scp" in self.roles:
             from integration.dicom_scp.scp import DicomService
+            if not rt.settings.dicom.allowed_callers and not rt.settings.dicom.accept_unknown_callers:
+                log.warning("scp_allow_list_empty", note="every association will be rejected: "
+                            "configure dicom.allowed_callers (AE title + hosts)")
             self.scp = DicomService(rt.settings.dicom, rt.intake(), rt.audit, rt.store)
             self.scp.start()
         log.info("service_started", roles=sorted(self.roles), version=__version__)

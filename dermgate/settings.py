@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from integration.fhir.settings import FhirSettings
@@ -103,6 +103,7 @@ class ApiSettings(Section):
     tokens_file: Path | None = None                   # bearer tokens -> user, role (sha256 only); default <workdir>/keys/api-tokens.json
     tls_cert_file: Path | None = None                 # serve HTTPS (TLS 1.2+) with this certificate chain
     tls_key_file: Path | None = None                  # ... and this private key (file, 0600)
+    plain_http_behind_tls_proxy: bool = False         # production: allow plain HTTP because an ingress/mesh terminates TLS
 
 
 class Settings(BaseSettings):
@@ -134,6 +135,21 @@ class Settings(BaseSettings):
         if toml:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _production_is_secure(self) -> Settings:
+        """Outside development, refuse what would expose patient data: an HTTP API on a
+        network interface without TLS, or a DICOM SCP that accepts unknown callers."""
+        if self.environment != "production":
+            return self
+        loopback = ("127.0.0.1", "::1", "localhost")
+        if (self.api.host not in loopback and not (self.api.tls_cert_file and self.api.tls_key_file)
+                and not self.api.plain_http_behind_tls_proxy):
+            raise ValueError("production: api.host is a network interface, set api.tls_cert_file and "
+                             "api.tls_key_file (or put a TLS proxy in front and bind the API to loopback)")
+        if self.dicom.accept_unknown_callers:
+            raise ValueError("production: dicom.accept_unknown_callers must be false")
+        return self
 
     # Derived locations, all under the work dir unless configured.
     @property

@@ -103,3 +103,12 @@ def test_backoff_grows_exponentially_and_is_capped() -> None:
     rng = random.Random(1)
     caps = [max(backoff(n, 2.0, 60.0, rng) for _ in range(200)) for n in (1, 3, 8)]
     assert caps[0] <= 2.0 and 4.0 < caps[1] <= 8.0 and caps[2] <= 60.0
+
+
+def test_production_refuses_a_plain_http_api_on_the_network(tmp_path) -> None:  # noqa: ANN001
+    import pytest
+
+    from dermgate.settings import ApiSettings, Settings
+    with pytest.raises(ValueError, match="tls_cert_file"):
+        Settings(workdir=tmp_path, environment="production", api=ApiSettings(host="0.0.0.0"))
+    Settings(workdir=tmp_path, environment="production")   # loopback API: allowed
