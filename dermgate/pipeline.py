@@ -273,8 +273,15 @@ class Dispatcher:
             self._deliver(item)
         return len(items)
 
+    def _correlation_id(self, item: OutboxItem) -> str | None:
+        if item.job_id is None:
+            return None
+        with self.sessions() as s:
+            return s.scalar(select(Job.correlation_id).where(Job.id == item.job_id))
+
     def _deliver(self, item: OutboxItem) -> None:
         channel = self.channels[item.channel]
+        cid = self._correlation_id(item)
         try:
             outcome = channel.deliver(item.payload)
         except Exception as exc:  # noqa: BLE001 - a channel bug must not kill the dispatcher
@@ -293,7 +300,7 @@ class Dispatcher:
                     if pending == 0:
                         s.query(Job).filter(Job.id == item.job_id, Job.state == JobState.RENDERED).update(
                             {"state": JobState.DELIVERED, "completed_at": now})
-                log.info("delivered", channel=item.channel, outbox_id=item.id)
+                log.info("delivered", channel=item.channel, outbox_id=item.id, correlation_id=cid)
                 return
             attempts = item.attempts + 1
             dead = not outcome.retryable or attempts >= self.cfg.max_attempts * 4
@@ -307,7 +314,7 @@ class Dispatcher:
                 s.query(Job).filter(Job.id == item.job_id).update(
                     {"state": JobState.FAILED, "last_error": f"{item.channel}: {outcome.reason}"[:2000]})
         log.warning("delivery_dead_letter" if dead else "delivery_retry", channel=item.channel,
-                    outbox_id=item.id, attempts=attempts, retry_in_s=None if dead else round(delay, 2),
+                    outbox_id=item.id, correlation_id=cid, attempts=attempts, retry_in_s=None if dead else round(delay, 2),
                     reason=(outcome.reason or "")[:200])
 
     def release_all(self) -> int:

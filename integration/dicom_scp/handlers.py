@@ -151,6 +151,7 @@ def handle_store(event: Event, intake: Intake, audit: AuditSink, cfg: DicomSetti
     log.info("cstore", status=f"0x{outcome.status:04X}", result=outcome.label, reason=outcome.reason,
              calling_ae=calling_ae, sop_ref=uid_ref(_request_uid(event)),
              job_id=outcome.result.job_id if outcome.result else None,
+             correlation_id=outcome.result.correlation_id if outcome.result else None,
              ms=round((time.perf_counter() - started) * 1000, 2))
     return _response(outcome)
 

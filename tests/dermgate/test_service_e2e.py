@@ -143,3 +143,27 @@ def test_a_worker_killed_mid_batch_resumes_and_no_job_completes_twice(tmp_path: 
     derived = sorted(p.name for p in (settings.store_dir / "derived").rglob("*.dcm"))
     assert derived == sorted(["sc.dcm", "sr.dcm"] * len(files))
     rt.close()
+
+
+def test_one_correlation_id_follows_an_image_from_the_scp_to_delivery(tmp_path: Path) -> None:
+    """Operators trace one image across SCP, worker and dispatcher log lines by its correlation id."""
+    import json
+
+    from dermgate import logs
+    settings = make_settings(tmp_path / "work", None)
+    settings.fhir_bundle_dir = settings.workdir / "bundles"
+    logs.configure("INFO", settings.log_dir / "dermgate.log")
+    rt = Runtime(settings)
+    service = Service(rt, roles={"scp", "worker", "dispatcher"})
+    service.start()
+    try:
+        files = make_sources(tmp_path / "src")[:1]
+        assert storescu("127.0.0.1", settings.dicom.port, files, calling=MODALITY_AE, called="DERMGATE",
+                        options=["-xy", "-R"]).returncode == 0
+        (job,) = wait_for(rt, 1)
+    finally:
+        service.stop()
+        rt.close()
+    lines = [json.loads(l) for l in (settings.log_dir / "dermgate.log").read_text().splitlines() if l.startswith("{")]
+    events = {line["event"] for line in lines if line.get("correlation_id") == job.correlation_id}
+    assert {"cstore", "classified", "rendered", "delivered"} <= events
