@@ -36,6 +36,16 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
+def sent_reports(rt: Runtime) -> list:
+    """(received_at, sent_at) of every report accepted so far, in delivery order."""
+    with rt.sessions() as s:
+        return list(s.execute(select(Instance.received_at, OutboxItem.sent_at)
+                              .join(Job, Job.instance_id == Instance.id)
+                              .join(OutboxItem, OutboxItem.job_id == Job.id)
+                              .where(OutboxItem.state == OutboxState.SENT)
+                              .order_by(OutboxItem.id)).all())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=60)
@@ -74,11 +84,7 @@ def main() -> None:
                            timeout=600)
             assert run.returncode == 0, run.stderr
             while True:
-                with rt.sessions() as s:
-                    rows = s.execute(select(Instance.received_at, OutboxItem.sent_at)
-                                     .join(Job, Job.instance_id == Instance.id)
-                                     .join(OutboxItem, OutboxItem.job_id == Job.id)
-                                     .where(OutboxItem.state == OutboxState.SENT)).all()
+                rows = sent_reports(rt)
                 if len(rows) >= len(files):
                     break
                 time.sleep(0.1)
@@ -88,12 +94,7 @@ def main() -> None:
                 n_before = len(rows)
                 storescu("127.0.0.1", port, [f], calling="BENCHSCOPE", called="DERMGATE", options=["-xy", "-R"])
                 while True:
-                    with rt.sessions() as s:
-                        new = s.execute(select(Instance.received_at, OutboxItem.sent_at)
-                                        .join(Job, Job.instance_id == Instance.id)
-                                        .join(OutboxItem, OutboxItem.job_id == Job.id)
-                                        .where(OutboxItem.state == OutboxState.SENT)
-                                        .order_by(OutboxItem.id)).all()
+                    new = sent_reports(rt)
                     if len(new) > n_before:
                         recv, sent = new[-1]
                         single_lat.append((sent - recv).total_seconds())

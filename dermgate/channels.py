@@ -68,7 +68,7 @@ class FhirPlanner:
         return prepare_report_payload(image, prediction, store.read(outputs.cam_png_path), self.settings,
                                       issued=utcnow())
 
-    def plan_review(self, image: ImageRef, result: dict[str, Any], review: Any, n_reviews: int) -> dict[str, Any]:
+    def plan_review(self, image: ImageRef, result: dict[str, Any], review: Any) -> dict[str, Any]:
         from integration.fhir.channel import FhirChannel
         from integration.fhir.resources import Review, ReviewDecision
         r = Review(review_id=str(review.id), decision=ReviewDecision(review.decision), reviewer=review.reviewer,
@@ -133,18 +133,14 @@ def public_jwks(rt: Runtime) -> dict[str, Any]:
 
 def fhir_token_obtainable(rt: Runtime) -> bool:
     """Readiness: can we get an access token from the EHR's token endpoint right now?"""
+    from integration.fhir.auth import SmartBackendAuth
+    fhir = rt.settings.fhir
     ch = rt.channels.get("fhir")
-    auth = getattr(getattr(ch, "client", None), "http", None)
-    auth = getattr(auth, "auth", None) if auth is not None else None
-    if auth is None or not hasattr(auth, "_fetch"):
+    auth = getattr(getattr(getattr(ch, "client", None), "http", None), "auth", None)
+    if fhir is None or not isinstance(auth, SmartBackendAuth):
         return True
     import httpx
-    flow = auth._fetch()
-    request = next(flow)
-    verify = rt.settings.fhir.verify_tls if rt.settings.fhir is not None else True
-    with httpx.Client(timeout=10.0, verify=str(verify) if not isinstance(verify, bool) else verify) as http:
-        try:
-            while True:
-                request = flow.send(http.send(request))
-        except StopIteration:
-            return True
+    verify = fhir.verify_tls if isinstance(fhir.verify_tls, bool) else str(fhir.verify_tls)
+    with httpx.Client(timeout=10.0, verify=verify) as http:
+        auth.fetch_token(http)
+    return True

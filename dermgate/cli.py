@@ -38,13 +38,17 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings import is de
     return Settings(workdir=wd)
 
 
-def _runtime(args: argparse.Namespace):  # noqa: ANN202
+def _logged_settings(args: argparse.Namespace):  # noqa: ANN202
     from dermgate import logs
-    from dermgate.app import Runtime
     settings = _settings(args)
     logs.configure(settings.log_level, None if settings.log_stderr_only else settings.log_dir / "dermgate.log",
                    console=getattr(args, "verbose", False) or settings.log_stderr_only)
-    return Runtime(settings)
+    return settings
+
+
+def _runtime(args: argparse.Namespace):  # noqa: ANN202
+    from dermgate.app import Runtime
+    return Runtime(_logged_settings(args))
 
 
 # ---- serve ------------------------------------------------------------------------------------
@@ -208,12 +212,12 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     import secrets
 
     from audit.api import AuditEvent, EventType, Outcome
-    from dermgate.api.deps import ROLES, hash_token
+    from dermgate.api.deps import ROLES, hash_token, load_tokens
     from dermgate.db import utcnow
     from dermgate.durable import write_atomic
     rt = _runtime(args)
     path = rt.settings.api_tokens_file
-    tokens: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
+    tokens = load_tokens(path)
     if args.action == "list":
         rows = [(v["user"], v["role"], v.get("created", ""), k[:12]) for k, v in sorted(tokens.items(),
                                                                                          key=lambda kv: kv[1]["user"])]
@@ -252,11 +256,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from audit.cli import run
     if args.audit_command == "init-keys":
         return int(run(args, None) or 0)
-    rt = _runtime(args)
+    from dermgate.app import open_audit
+    audit = open_audit(_logged_settings(args))   # the trail alone: no database, no migrations
     try:
-        return int(run(args, rt.audit.trail) or 0)
+        return int(run(args, audit.trail) or 0)
     finally:
-        rt.close()
+        audit.close()
 
 
 class _WithParents:

@@ -99,7 +99,6 @@ class Job(LeaseMixin, Base):
     correlation_id: Mapped[str] = mapped_column(String(32))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None] = mapped_column(TZDateTime())
     __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),)
 

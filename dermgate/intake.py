@@ -42,9 +42,6 @@ class Intake:
 
     def accept(self, encoded: bytes, image: ImageRef, transfer_syntax_uid: str) -> IntakeResult:
         rel, digest = self.store.put_object(encoded)
-        existing = self._existing(image.sop_instance_uid)
-        if existing is not None:
-            return existing if existing.sha256 == digest else IntakeResult(IntakeStatus.CONFLICT, None, None, digest)
         correlation_id = uuid.uuid4().hex[:16]
         try:
             with self.sessions.begin() as s:
@@ -57,7 +54,8 @@ class Intake:
                 s.flush()
                 job_id = job.id
         except IntegrityError:
-            # Another association committed the same SOP Instance UID first.
+            # The SOP Instance UID is known (a re-send, or another association first): no
+            # look-up before the insert, so a new object, the common case, costs one statement.
             existing = self._existing(image.sop_instance_uid)
             if existing is None:
                 raise

@@ -41,7 +41,7 @@ from dermgate.queue import backoff, claim, fenced_update, release
 from dermgate.records import Channel, ImageRef, Outputs
 from dermgate.settings import WorkerSettings
 from dermgate.store import ObjectStore
-from inference.result import Prediction, Risk
+from inference.result import Prediction
 
 log = structlog.get_logger("dermgate.pipeline")
 
@@ -62,7 +62,7 @@ class Classifier(Protocol):
 
 class Planner(Protocol):
     """Turns a finished result into an outbox payload for one channel (``None``: nothing to send).
-    A planner may also offer ``plan_review(image, result, review, n_reviews)`` (see dermgate/review.py)."""
+    A planner may also offer ``plan_review(image, result, review)`` (see dermgate/review.py)."""
     channel: str
 
     def plan(self, image: ImageRef, prediction: Prediction, outputs: Outputs, store: ObjectStore) -> dict[str, Any] | None: ...
@@ -86,8 +86,7 @@ class Loaded:
 def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
     """Stage 1: read the stored object back (it was fsynced before Success was answered)."""
     ds = pydicom.dcmread(BytesIO(store.read(inst.path)))
-    image = ImageRef(**{k: getattr(inst, k) for k in ImageRef.__dataclass_fields__})
-    return Loaded(job.id, job.correlation_id, image, ds)
+    return Loaded(job.id, job.correlation_id, ImageRef.from_object(inst), ds)
 
 
 def classify(loaded: list[Loaded], classifier: Classifier) -> list[Prediction]:
@@ -111,14 +110,6 @@ def render(store: ObjectStore, item: Loaded, prediction: Prediction) -> Outputs:
     from integration.dicom_scp.outputs import write_outputs
     written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb)
     return written.to_record(store.root)
-
-
-def prediction_from_json(data: dict[str, Any], cam: np.ndarray | None) -> Prediction:
-    from inference.result import ModelInfo
-    return Prediction(probabilities=data["probabilities"], malignancy_probability=data["malignancy_probability"],
-                      risk=Risk(data["risk"]), uncertainty=data["uncertainty"],
-                      low_confidence=data["low_confidence"], assessable=data["assessable"],
-                      reason=data.get("reason"), model=ModelInfo(**data["model"]), cam=cam)
 
 
 # ---- the worker: composes the stages under a lease ---------------------------------------------
@@ -148,10 +139,10 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any read failure is a job failure, recorded
                 self._fail(job, inst, f"cannot read stored object: {exc}", permanent=False)
                 continue
-            if job.state == JobState.RECEIVED:
-                to_classify.append(loaded)
-            else:
-                ready.append((loaded, self._reload_prediction(job)))
+            # A job resumed after CLASSIFIED is classified again rather than reloaded: the
+            # model is deterministic and the Grad-CAM map is derivable, so nothing but the
+            # result row is kept between the stages.
+            to_classify.append(loaded)
         if to_classify:
             ready.extend(self._classify(to_classify, {j.id: j for j, _ in rows}, {j.id: i for j, i in rows}))
         jobs_by_id = {j.id: (j, i) for j, i in rows}
@@ -171,14 +162,13 @@ class Worker:
         metrics.STAGE_SECONDS.labels("classify").observe(self.clock() - t0)
         done = []
         for item, pred in zip(batch, predictions):
-            if pred.cam is not None:
-                buf = BytesIO()
-                np.save(buf, pred.cam.astype(np.float16))
-                self.store.put(self._cam_path(item.image), buf.getvalue())
             with self.sessions.begin() as s:
                 ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json())
             if not ok:
                 log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
+                continue
+            if jobs[item.job_id].state is not JobState.RECEIVED:   # resumed: already audited
+                done.append((item, pred))
                 continue
             self.audit.record(AuditEvent(
                 event=EventType.CLASSIFIED, outcome=Outcome.SUCCESS, actor="dermgate", action="C",
@@ -220,18 +210,6 @@ class Worker:
         metrics.JOB_LATENCY.observe((now - inst.received_at).total_seconds())
         log.info("rendered", correlation_id=item.correlation_id, deliveries=len(plans))
 
-    def _reload_prediction(self, job: Job) -> Prediction:
-        with self.sessions() as s:
-            inst = s.get(Instance, job.instance_id)
-            image_ref = ImageRef(**{k: getattr(inst, k) for k in ImageRef.__dataclass_fields__})
-        path = self.store.path(self._cam_path(image_ref))
-        cam = np.load(path).astype(np.float32) if path.exists() else None
-        return prediction_from_json(job.result or {}, cam)
-
-    @staticmethod
-    def _cam_path(image: ImageRef) -> str:
-        return f"{derived_dir(image)}/cam.npy"
-
     def _fail(self, job: Job, inst: Instance, reason: str, permanent: bool = False) -> None:
         attempts = job.attempts + 1
         dead = permanent or attempts >= self.cfg.max_attempts
@@ -266,22 +244,18 @@ class Dispatcher:
 
     def run_once(self) -> int:
         with self.sessions.begin() as s:
+            # Only rows for channels this process can deliver: another process's rows stay unleased.
             items = claim(s, OutboxItem, (OutboxState.PENDING,), self.owner, self.cfg.lease_seconds,
-                          self.cfg.batch_size)
-            items = [i for i in items if i.channel in self.channels]
+                          self.cfg.batch_size, OutboxItem.channel.in_(list(self.channels)))
+            job_ids = {i.job_id for i in items if i.job_id is not None}
+            cids = dict(s.execute(select(Job.id, Job.correlation_id).where(Job.id.in_(job_ids))).all()) \
+                if job_ids else {}
         for item in items:
-            self._deliver(item)
+            self._deliver(item, cids.get(item.job_id))
         return len(items)
 
-    def _correlation_id(self, item: OutboxItem) -> str | None:
-        if item.job_id is None:
-            return None
-        with self.sessions() as s:
-            return s.scalar(select(Job.correlation_id).where(Job.id == item.job_id))
-
-    def _deliver(self, item: OutboxItem) -> None:
+    def _deliver(self, item: OutboxItem, cid: str | None) -> None:
         channel = self.channels[item.channel]
-        cid = self._correlation_id(item)
         try:
             outcome = channel.deliver(item.payload)
         except Exception as exc:  # noqa: BLE001 - a channel bug must not kill the dispatcher
@@ -337,7 +311,6 @@ def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float) -> N
 def queue_depth(sessions: sessionmaker) -> dict[str, int]:
     with sessions() as s:
         rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-    depth = {state.value: 0 for state in JobState}
-    depth.update({(st.value if hasattr(st, "value") else str(st)): n for st, n in rows})
-    return depth
+    counts = {JobState(st): n for st, n in rows}
+    return {state.value: counts.get(state, 0) for state in JobState}
 

@@ -24,13 +24,13 @@ Row = TypeVar("Row", bound=LeaseMixin)
 
 
 def claim(session: Session, model: type[Row], states: Sequence[Any], owner: str, lease_s: float,
-          limit: int = 1, now: datetime | None = None) -> list[Row]:
-    """Claim up to ``limit`` due rows in ``states``; caller commits."""
+          limit: int = 1, *where: Any, now: datetime | None = None) -> list[Row]:
+    """Claim up to ``limit`` due rows in ``states`` (and matching ``where``); caller commits."""
     now = now or utcnow()
     stmt = (select(model)
             .where(model.state.in_(states),                      # type: ignore[attr-defined]
                    model.next_attempt_at <= now,
-                   or_(model.lease_expires_at.is_(None), model.lease_expires_at < now))
+                   or_(model.lease_expires_at.is_(None), model.lease_expires_at < now), *where)
             .order_by(model.next_attempt_at, model.id)           # type: ignore[attr-defined]
             .limit(limit))
     if session.get_bind().dialect.name == "postgresql":

@@ -33,6 +33,11 @@ class ImageRef:
     def from_json(cls, data: dict[str, Any]) -> ImageRef:
         return cls(**data)
 
+    @classmethod
+    def from_object(cls, obj: object) -> ImageRef:
+        """From anything carrying the same attribute names (the ``instances`` row)."""
+        return cls(**{name: getattr(obj, name) for name in cls.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class Outputs:

@@ -43,11 +43,10 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
                         diagnosis=diagnosis if decision == "override" else None, comment=comment)
         s.add(review)
         s.flush()
-        image = ImageRef(**{k: getattr(inst, k) for k in ImageRef.__dataclass_fields__})
-        n_prev = len(s.scalars(select(Review.id).where(Review.job_id == job.id)).all())
+        image = ImageRef.from_object(inst)
         for planner in rt.planners:
             plan_review = getattr(planner, "plan_review", None)
-            payload = plan_review(image, job.result, review, n_prev) if plan_review else None
+            payload = plan_review(image, job.result, review) if plan_review else None
             if payload is not None:
                 s.add(OutboxItem(job_id=None, channel=planner.channel, kind="review", payload=payload,
                                  business_key=f"{inst.sop_instance_uid}:review:{review.id}"))

@@ -181,6 +181,8 @@ class Engine:
                 f"sha256 of {onnx_path.name} is {digest}, the manifest expects {self.manifest.sha256}: "
                 "the model file was changed or replaced; refusing to load it")
         self.onnx_path = onnx_path
+        self._intact_key: tuple[int, int, int] | None = None
+        self._intact = False
         self.tta = self.manifest.tta if tta is None else tta
         self.calibration = self.manifest.calibration["tta" if self.tta else "plain"]
         self.batch_size = batch_size
@@ -214,6 +216,22 @@ class Engine:
     @property
     def model_info(self) -> ModelInfo:
         return self._model_info
+
+    def file_intact(self) -> bool:
+        """The model file on disk is still the one verified at load (readiness probes).
+
+        Re-hashed only when its stat (inode, size, mtime) changes, so a probe every few
+        seconds does not read 13 MB each time.
+        """
+        try:
+            st = self.onnx_path.stat()
+        except OSError:
+            return False
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._intact_key != key:
+            self._intact = sha256_file(self.onnx_path) == self._model_info.sha256
+            self._intact_key = key
+        return self._intact
 
     def _warm_up(self) -> None:
         """First run allocates memory and picks kernels; it also proves the manifest's

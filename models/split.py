@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+from inference.result import CLASSES
+
 
 
 def make_split(metadata_csv: Path, out_csv: Path, seed: int,

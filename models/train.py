@@ -16,31 +16,25 @@ import time
 import tomllib
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from inference.preprocess import normalise, remove_hair, resize_square, shades_of_gray
+from inference.engine import load_image
+from inference.preprocess import prepare
+from inference.result import CLASSES, MALIGNANT
 from models.augment import AugmentConfig, augment
-from models.split import CLASSES, load_split, make_split
+from models.split import load_split, make_split
 
 
 def load_images(ham_dir: Path, ids: list[str]) -> list[np.ndarray]:
-    out = []
-    for image_id in ids:
-        bgr = cv2.imread(str(ham_dir / "images" / f"{image_id}.jpg"), cv2.IMREAD_COLOR)
-        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return out
+    return [load_image(ham_dir / "images" / f"{image_id}.jpg") for image_id in ids]
 
 
 def to_tensor(img: np.ndarray, size: int, pp: dict) -> np.ndarray:
-    img = resize_square(img, size)
-    if pp.get("hair_removal"):
-        img = remove_hair(img)
-    if pp.get("colour_constancy", True):
-        img = shades_of_gray(img)
-    return normalise(img)
+    """The service's own preprocessing (``inference.preprocess.prepare``), with the config's flags."""
+    return prepare(img, size, colour_constancy=pp.get("colour_constancy", True),
+                   hair_removal=pp.get("hair_removal", False))
 
 
 def build_model(arch: str, dropout: float) -> nn.Module:
@@ -70,8 +64,8 @@ def evaluate(model: nn.Module, xs: np.ndarray, ys: np.ndarray, bs: int = 64) -> 
             logits.append(model(torch.from_numpy(xs[i:i + bs])).numpy())
     lg = np.concatenate(logits)
     p = torch.softmax(torch.from_numpy(lg), 1).numpy()
-    mal = p[:, [CLASSES.index(c) for c in ("akiec", "bcc", "mel")]].sum(1)
-    ymal = np.isin(ys, [CLASSES.index(c) for c in ("akiec", "bcc", "mel")]).astype(int)
+    mal = p[:, [CLASSES.index(c) for c in MALIGNANT]].sum(1)
+    ymal = np.isin(ys, [CLASSES.index(c) for c in MALIGNANT]).astype(int)
     m = {
         "bal_acc": float(balanced_accuracy_score(ys, p.argmax(1))),
         "mal_auc": auc(ymal, mal),

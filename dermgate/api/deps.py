@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
@@ -36,11 +37,9 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def _tokens(rt: Runtime) -> dict[str, dict[str, str]]:
-    path = rt.settings.api_tokens_file
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
+def load_tokens(path: Path) -> dict[str, dict[str, str]]:
+    """sha256(token) -> {user, role, created}; read per request so a revocation takes effect at once."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def hash_token(token: str) -> str:
@@ -52,7 +51,7 @@ def current_user(request: Request, rt: RuntimeDep,
                  x_purpose_of_use: Annotated[str | None, Header()] = None) -> User:
     token = (authorization or "").removeprefix("Bearer ").strip()
     digest = hash_token(token) if token else ""
-    entry = next((v for k, v in _tokens(rt).items() if token and hmac.compare_digest(k, digest)), None)
+    entry = next((v for k, v in load_tokens(rt.settings.api_tokens_file).items() if token and hmac.compare_digest(k, digest)), None)
     if entry is None:
         rt.audit.record(AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,
                                    actor="unknown", source=request.client.host if request.client else None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, HTTPException, Request, Response, status
@@ -46,18 +45,15 @@ def readiness(rt: Runtime, check_model: bool = True) -> dict[str, dict[str, Any]
         checks["database"] = {"ok": False, "detail": type(exc).__name__}
     if check_model:
         try:
-            from inference.engine import sha256_file
             eng = rt.classifier
-            # The file on disk must still be the one verified at load (not removed or replaced).
-            ok = eng.onnx_path.is_file() and sha256_file(eng.onnx_path) == eng.model_info.sha256
-            checks["model"] = {"ok": ok, "providers": eng.providers}
+            checks["model"] = {"ok": eng.file_intact(), "providers": eng.providers}
         except Exception as exc:  # noqa: BLE001
             checks["model"] = {"ok": False, "detail": str(exc)[:200]}
     try:
         probe = rt.store.root / ".readyz"
         probe.write_bytes(b"ok")
         probe.unlink()
-        free = shutil.disk_usage(rt.store.root).free
+        free = rt.store.free_bytes()
         checks["store"] = {"ok": free >= rt.settings.dicom.min_free_bytes, "free_bytes": free}
     except OSError as exc:
         checks["store"] = {"ok": False, "detail": exc.strerror}

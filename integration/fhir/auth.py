@@ -159,6 +159,17 @@ class SmartBackendAuth(httpx.Auth):
             request.headers["Authorization"] = f"Bearer {token}"
             yield request
 
+    def fetch_token(self, http: httpx.Client) -> str:
+        """Get a fresh token now through ``http`` (a client without this auth), e.g. for a
+        readiness check; it is cached like any other. Raises the same errors as a request would."""
+        flow = self._fetch()
+        request = next(flow)
+        try:
+            while True:
+                request = flow.send(http.send(request))
+        except StopIteration as done:
+            return str(done.value)
+
     def invalidate(self) -> None:
         with self._lock:
             self._token = None

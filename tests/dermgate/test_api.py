@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -150,3 +151,21 @@ def test_api_serves_https_with_tls12_or_later_only(tmp_path: Path) -> None:
     finally:
         service.stop()
         rt.close()
+
+
+def test_readyz_checks_that_a_fhir_token_can_be_obtained(tmp_path: Path, fhir: Any, smart_key: Any) -> None:
+    """With SMART auth configured, readiness fails while the EHR's token endpoint is down."""
+    from integration.fhir.settings import FhirSettings
+    from tests.integration.fhir.peer import TEST_CLIENT_ID
+    fhir.configure(require_auth=True)
+    rt = make_runtime(tmp_path)
+    rt.settings.fhir = FhirSettings.model_validate({"base_url": fhir.base_url, "token_url": fhir.token_url,
+                                                    "client_id": TEST_CLIENT_ID,
+                                                    "private_key_file": str(smart_key())})
+    client = TestClient(create_app(rt, check_model=False))
+    ok = client.get("/readyz")
+    assert ok.status_code == 200 and ok.json()["checks"]["fhir_token"]["ok"] is True
+    fhir.fault(target="token", status=503, times=1)
+    down = client.get("/readyz")
+    assert down.status_code == 503 and down.json()["checks"]["fhir_token"]["ok"] is False
+    rt.close()

@@ -122,13 +122,13 @@ def test_a_worker_killed_mid_batch_resumes_and_no_job_completes_twice(tmp_path: 
         env["DERMGATE_MODEL__PATH"] = str(model_dir())
     cmd = [sys.executable, "-m", "dermgate.cli", "serve", "--roles", "worker"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:     # kill once it holds a lease on some job
+    deadline, held = time.monotonic() + 60, False
+    while not held and time.monotonic() < deadline:     # kill once it holds a lease on some job
         with rt.sessions() as s:
-            if s.scalar(select(func.count()).select_from(Job).where(Job.lease_owner.is_not(None))):
-                break
+            held = bool(s.scalar(select(func.count()).select_from(Job).where(Job.lease_owner.is_not(None))))
         time.sleep(0.02)
     first.kill()
+    assert held, "the first worker never took a lease: the kill -9 tested nothing"
     first.wait()
     second = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -75,7 +75,6 @@ def upgrade() -> None:
         sa.Column("correlation_id", sa.String(length=32), nullable=False),
         sa.Column("result", sa.JSON(), nullable=True),
         sa.Column("outputs", sa.JSON(), nullable=True),
-        sa.Column("timings", sa.JSON(), nullable=True),
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         *lease_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_jobs"),
