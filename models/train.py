@@ -2,10 +2,13 @@
 
     python -m models.train --config models/configs/lite0.toml [--out models/checkpoints/run]
 
-One command: makes (or reuses) the lesion-level split, fine-tunes an
+One command per stage: makes (or reuses) the lesion-level split, fine-tunes an
 ImageNet-pretrained EfficientNet-Lite, checkpoints every epoch and resumes from
 the last checkpoint, keeps the best epoch by validation score, then calibrates
-and exports ONNX (``models.export``). Needs the ``train`` extra (torch).
+and exports ONNX (``models.export``). A config may warm-start from an earlier
+stage's checkpoint (``[model] init_from``), which is how the shipped recipe
+unfreezes more of the network for a second, longer stage on 2 CPU cores.
+Needs the ``train`` extra (torch).
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _cosine_tail(opt: torch.optim.Optimizer, steps: int, state: dict | None) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=Path("models/checkpoints/run"))
+    ap.add_argument("--out", type=Path, help="checkpoint folder (default: the config's [train] out_dir)")
     ap.add_argument("--epochs", type=int, help="override the config's epoch count")
     ap.add_argument("--limit", type=int, help="use only N training images (smoke test)")
     args = ap.parse_args(argv)
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     d, mc, pp, tc = cfg["data"], cfg["model"], cfg["preprocess"], cfg["train"]
     acfg = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["augment"].items()})
     epochs = args.epochs or tc["epochs"]
+    args.out = args.out or Path(tc.get("out_dir", "models/checkpoints/run"))
     torch.set_num_threads(tc.get("threads", 2))
     torch.manual_seed(d["seed"])
     rng = np.random.default_rng(d["seed"])
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                                   label_smoothing=tc.get("label_smoothing", 0.0))
 
     model = build_model(mc["arch"], mc["dropout"])
+    init_from = mc.get("init_from")
+    if init_from and not (args.out / "last.pt").exists():
+        model.load_state_dict(torch.load(init_from, weights_only=False)["model"])
+        print(f"warm start from {init_from}", flush=True)
     # Freezing the stem and first blocks (generic edges and textures) halves the
     # backward cost at full resolution, which is what lets this finish on 2 CPU cores.
     for mod in [model._conv_stem, model._bn0, *model._blocks[: mc.get("freeze_blocks", 0)]]:
