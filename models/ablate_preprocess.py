@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     tr = [r for r in rows if r["split"] == "train"][::step]
     va = [r for r in rows if r["split"] == "val"][::step]
     isic = [r for r in csv.DictReader((args.isic / "labels.csv").open()) if r["dx"] in CLASSES][::step]
-    load = lambda rs, d: [load_image(d / f"{r['image_id']}.jpg") for r in rs]  # noqa: E731
+    def load(rs: list[dict[str, str]], d: Path) -> list[np.ndarray]:
+        return [load_image(d / f"{r['image_id']}.jpg") for r in rs]
+
     img_tr, img_va, img_is = load(tr, args.ham / "images"), load(va, args.ham / "images"), load(isic, args.isic / "images")
     y = {k: np.array([CLASSES.index(r["dx"]) for r in rs]) for k, rs in (("tr", tr), ("va", va), ("is", isic))}
     report: dict = {"method": __doc__.split("\n\n")[1].strip().replace("\n", " "),
