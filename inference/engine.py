@@ -5,7 +5,7 @@
 
 Flow for a batch: check input -> quality gate -> preprocess (``inference.preprocess``,
 byte for byte what training used) -> ONNX Runtime (outputs ``logits`` and
-``features``) -> temperature-scaled softmax, risk, uncertainty -> Grad-CAM.
+``features``) -> calibrated softmax (temperature, malignancy bias), risk, uncertainty -> Grad-CAM.
 
 On load the engine verifies the ONNX file's sha256 against the manifest, warms
 the session up, and checks on that warm-up run that the manifest's classifier
@@ -281,7 +281,7 @@ class Engine:
         x = np.stack([self.preprocess(img) for img in images])
         logits, feats = self.logits(x)
         cal = self.calibration
-        probs = post.softmax(logits, cal.temperature)
+        probs = cal.probabilities(logits)
         p_mal = post.malignancy(probs)
         unc = post.normalised_entropy(probs)
         preds = []

@@ -43,16 +43,22 @@ _MIN_VALUE = 40              # the black field-of-view corners of many dermatosc
 
 @dataclass(frozen=True)
 class Calibration:
-    """Temperature and risk cut-offs for one inference mode (plain or TTA)."""
+    """Temperature, malignancy bias and risk cut-offs for one inference mode (plain or TTA)."""
     temperature: float
     referral_threshold: float
     high_risk_threshold: float
     low_confidence_threshold: float
+    malignancy_bias: float = 0.0
 
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
         return cls(float(d["temperature"]), float(d["referral_threshold"]),
-                   float(d["high_risk_threshold"]), float(d["low_confidence_threshold"]))
+                   float(d["high_risk_threshold"]), float(d["low_confidence_threshold"]),
+                   float(d.get("malignancy_bias", 0.0)))
+
+    def probabilities(self, logits: FloatArray) -> FloatArray:
+        """Calibrated 7-class probabilities of raw ``logits``."""
+        return calibrated(logits, self.temperature, self.malignancy_bias)
 
 
 def softmax(logits: FloatArray, temperature: float = 1.0) -> FloatArray:
@@ -61,6 +67,21 @@ def softmax(logits: FloatArray, temperature: float = 1.0) -> FloatArray:
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def calibrated(logits: FloatArray, temperature: float, malignancy_bias: float = 0.0) -> FloatArray:
+    """softmax(logits / T + b * [class is malignant]).
+
+    The temperature calibrates confidence over the 7 classes; the bias, one
+    number added to the mel, bcc and akiec logits, calibrates P(malignant),
+    which a class-weighted loss inflates. It moves mass between the malignant
+    and benign groups only: P(malignant) stays the sum of its three classes,
+    its ranking (AUC) is unchanged, and ratios within each group are kept."""
+    z = np.asarray(logits, np.float64) / temperature
+    if malignancy_bias:
+        z = z.copy()
+        z[..., MALIGNANT_IDX] += malignancy_bias
+    return softmax(z)
 
 
 def normalised_entropy(p: FloatArray) -> FloatArray:

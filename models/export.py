@@ -9,7 +9,8 @@
    (N, 7) and ``features``, the last conv feature map (N, 1280, h, w) that
    Grad-CAM needs (``inference.cam``). Check ONNX Runtime against torch.
 3. Run the exported graph on the validation split, plain and with flip TTA, and
-   for each mode fit the temperature (LBFGS on the NLL), the referral threshold
+   for each mode fit the temperature (LBFGS on the NLL), then a bias on the
+   malignant logits (LBFGS on the binary NLL of P(malignant)), the referral threshold
    (largest with validation malignancy sensitivity >= 0.95) and the High-risk
    cut-off (max(0.5, the threshold giving validation specificity >= 0.95)).
    TTA is switched on only if it lifts the validation score (balanced accuracy
@@ -147,6 +148,28 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(log_t.detach().exp().item())
 
 
+def fit_malignancy_bias(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Bias b on the malignant logits minimising the binary NLL of P(malignant)
+    after temperature scaling (see ``inference.postprocess.calibrated``)."""
+    z = torch.from_numpy(logits.astype(np.float64)) / temperature
+    mal = torch.zeros(z.shape[1], dtype=torch.bool)
+    mal[[CLASSES.index(c) for c in MALIGNANT]] = True
+    y_mal = torch.from_numpy(np.isin(y, [CLASSES.index(c) for c in MALIGNANT]).astype(np.float64))
+    # log-odds of malignancy: logsumexp over the malignant logits minus over the benign ones
+    log_odds = torch.logsumexp(z[:, mal], 1) - torch.logsumexp(z[:, ~mal], 1)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([b], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(log_odds + b, y_mal)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(b.detach().item())
+
+
 def referral_threshold(p_mal: np.ndarray, y_mal: np.ndarray, sensitivity: float) -> float:
     """Largest threshold t with sensitivity(p >= t) >= ``sensitivity``.
 
@@ -169,17 +192,20 @@ def specificity_threshold(p_mal: np.ndarray, y_mal: np.ndarray, specificity: flo
 def calibrate(logits: np.ndarray, y: np.ndarray) -> tuple[dict, dict]:
     """Temperature and cut-offs for one inference mode, with validation metrics."""
     t = fit_temperature(logits, y)
-    probs = post.softmax(logits, t)
+    bias = fit_malignancy_bias(logits, y, t)
+    probs = post.calibrated(logits, t, bias)
     p_mal = post.malignancy(probs)
     y_mal = np.isin(y, [CLASSES.index(c) for c in MALIGNANT]).astype(int)
     ref = referral_threshold(p_mal, y_mal, TARGET_SENSITIVITY)
     high = max(HIGH_RISK_FLOOR, specificity_threshold(p_mal, y_mal, HIGH_RISK_SPECIFICITY), ref)
-    cal = {"temperature": round(t, 6), "referral_threshold": ref, "high_risk_threshold": high,
+    cal = {"temperature": round(t, 6), "malignancy_bias": round(bias, 6),
+           "referral_threshold": ref, "high_risk_threshold": high,
            "low_confidence_threshold": LOW_CONFIDENCE_ENTROPY}
     dx = [CLASSES[i] for i in y]
     metrics = classification_metrics(dx, probs, ref)
     raw = classification_metrics(dx, post.softmax(logits, 1.0), ref)
     metrics["ece_before_temperature"] = raw["ece"]
+    metrics["ece_malignancy_before_bias"] = classification_metrics(dx, post.softmax(logits, t), ref)["ece_malignancy"]
     metrics["nll"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
     metrics["nll_before_temperature"] = float(
         -np.log(np.clip(post.softmax(logits, 1.0)[np.arange(len(y)), y], 1e-12, 1)).mean())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.postprocess import Calibration, malignancy, normalised_entropy, risk_level, softmax
+from inference.postprocess import Calibration, calibrated, malignancy, normalised_entropy, risk_level, softmax
 from inference.result import CLASSES, Risk
 
 CAL = Calibration(temperature=1.5, referral_threshold=0.1, high_risk_threshold=0.5, low_confidence_threshold=0.5)
@@ -17,6 +17,23 @@ def test_temperature_softens_without_changing_the_ranking() -> None:
     assert p1.sum() == pytest.approx(1.0) and p2.sum() == pytest.approx(1.0)
     assert (p1.argsort() == p2.argsort()).all()
     assert p2.max() < p1.max()
+
+
+def test_malignancy_bias_moves_mass_between_groups_only() -> None:
+    """The bias changes P(malignant) but keeps it the sum of mel, bcc and akiec,
+    keeps the ratios within each group, and is a no-op at zero."""
+    logits = np.random.default_rng(0).normal(0, 2, size=(50, 7))
+    plain, shifted = calibrated(logits, 1.2), calibrated(logits, 1.2, -0.8)
+    np.testing.assert_allclose(plain, softmax(logits, 1.2), rtol=1e-6)
+    np.testing.assert_allclose(shifted.sum(1), 1.0, rtol=1e-6)
+    assert (malignancy(shifted) < malignancy(plain)).all()
+    mel, bcc, nv, bkl = (CLASSES.index(c) for c in ("mel", "bcc", "nv", "bkl"))
+    np.testing.assert_allclose(shifted[:, mel] / shifted[:, bcc], plain[:, mel] / plain[:, bcc], rtol=1e-5)
+    np.testing.assert_allclose(shifted[:, nv] / shifted[:, bkl], plain[:, nv] / plain[:, bkl], rtol=1e-5)
+    cal = Calibration(1.2, 0.1, 0.5, 0.5, malignancy_bias=-0.8)
+    np.testing.assert_allclose(cal.probabilities(logits), shifted)
+    assert Calibration.from_json({"temperature": 1.2, "referral_threshold": 0.1, "high_risk_threshold": 0.5,
+                                  "low_confidence_threshold": 0.5}).malignancy_bias == 0.0
 
 
 def test_softmax_is_stable_for_huge_logits() -> None:

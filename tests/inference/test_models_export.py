@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-from models.export import fit_temperature, referral_threshold, specificity_threshold  # noqa: E402
+from inference.postprocess import MALIGNANT_IDX, calibrated, malignancy  # noqa: E402
+from models.export import fit_malignancy_bias, fit_temperature, referral_threshold, specificity_threshold  # noqa: E402
 
 
 def test_referral_threshold_keeps_the_target_sensitivity_on_the_data_it_was_fitted_on() -> None:
@@ -37,3 +38,21 @@ def test_temperature_recovers_the_scale_of_overconfident_logits() -> None:
     y = np.array([rng.choice(7, p=row) for row in p])
     t = fit_temperature((true_logits * 3).astype(np.float32), y)
     assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_malignancy_bias_undoes_an_inflated_malignant_share() -> None:
+    """Calibrated logits with +1 added to the malignant classes (as a class-weighted
+    loss does): the fitted bias is about -1, and it brings P(malignant) back to the
+    observed malignant rate without changing its ranking."""
+    rng = np.random.default_rng(3)
+    true_logits = rng.normal(0, 1.5, size=(6000, 7))
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(7, p=row) for row in p])
+    inflated = true_logits.copy()
+    inflated[:, MALIGNANT_IDX] += 1.0
+    b = fit_malignancy_bias(inflated.astype(np.float32), y, 1.0)
+    assert b == pytest.approx(-1.0, abs=0.15)
+    before, after = malignancy(calibrated(inflated, 1.0)), malignancy(calibrated(inflated, 1.0, b))
+    observed = np.isin(y, MALIGNANT_IDX).mean()
+    assert abs(after.mean() - observed) < 0.02 < abs(before.mean() - observed)
+    assert (np.argsort(before, kind="stable") == np.argsort(after, kind="stable")).all()
