@@ -41,8 +41,18 @@ import torch
 from torch import nn
 
 from inference import postprocess as post
-from inference.engine import (INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_FEATURES, OUTPUT_LOGITS,
-                              TTA_VIEWS, load_image, merge_tta, sha256_file, tta_batch)
+from inference.engine import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OUTPUT_FEATURES,
+    OUTPUT_LOGITS,
+    TTA_VIEWS,
+    load_image,
+    merge_tta,
+    sha256_file,
+    tta_batch,
+)
 from inference.evaluate import classification_metrics
 from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 from inference.result import CLASSES, MALIGNANT

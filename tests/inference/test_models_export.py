@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 from inference.postprocess import MALIGNANT_IDX, calibrated, malignancy  # noqa: E402
-from models.export import fit_malignancy_bias, fit_temperature, referral_threshold, specificity_threshold  # noqa: E402
+from models.export import (  # noqa: E402
+    MeanEnsemble,
+    fit_malignancy_bias,
+    fit_temperature,
+    referral_threshold,
+    specificity_threshold,
+)
 
 
 def test_referral_threshold_keeps_the_target_sensitivity_on_the_data_it_was_fitted_on() -> None:
@@ -56,3 +62,34 @@ def test_malignancy_bias_undoes_an_inflated_malignant_share() -> None:
     observed = np.isin(y, MALIGNANT_IDX).mean()
     assert abs(after.mean() - observed) < 0.02 < abs(before.mean() - observed)
     assert (np.argsort(before, kind="stable") == np.argsort(after, kind="stable")).all()
+
+
+class _TinyNet(torch.nn.Module):
+    """The two methods MeanEnsemble relies on, as EfficientNet has them."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self._fc = torch.nn.Linear(4, 7)
+
+    def extract_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self.extract_features(x).mean((2, 3)))
+
+
+def test_mean_ensemble_is_still_pool_plus_one_linear_head() -> None:
+    """Mean of the members' logits == the ensemble's head over its concatenated
+    features, so the CAM computed from the exported features stays exact."""
+    members = [_TinyNet(1), _TinyNet(2)]
+    ens = MeanEnsemble(members).eval()
+    x = torch.randn(3, 3, 9, 9)
+    with torch.no_grad():
+        mean_logits = torch.stack([m(x) for m in members]).mean(0)
+        feats = ens.extract_features(x)
+        via_head = ens._fc(feats.mean((2, 3)))
+    assert feats.shape == (3, 8, 7, 7)
+    torch.testing.assert_close(ens(x), mean_logits)
+    torch.testing.assert_close(via_head, mean_logits)
