@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from inference.result import CLASSES, MALIGNANT
+from inference.result import CLASSES
 from models.export import load_model
 from models.split import load_split
-from models.train import evaluate, load_images, to_tensor
+from models.train import load_images, logit_metrics, predict_logits, score, to_tensor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,14 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     images = load_images(Path(cfg["data"]["ham_dir"]), [r["image_id"] for r in rows])
     x = np.stack([to_tensor(im, cfg["model"]["input_size"], cfg["preprocess"]) for im in images])
     y = np.array([CLASSES.index(r["dx"]) for r in rows])
-    y_mal = np.isin(y, [CLASSES.index(c) for c in MALIGNANT])
-    logits = {c: evaluate(load_model(cfg, [c]), x, y)[1] for c in args.checkpoints}
+    logits = {c: predict_logits(load_model(cfg, [c]), x) for c in args.checkpoints}
     for k in range(1, len(logits) + 1):
         for combo in itertools.combinations(logits, k):
-            p = torch.softmax(torch.from_numpy(np.mean([logits[c] for c in combo], 0)), 1).numpy()
-            bal = balanced_accuracy_score(y, p.argmax(1))
-            auc = roc_auc_score(y_mal, p[:, [CLASSES.index(c) for c in MALIGNANT]].sum(1))
-            print(f"score {(bal + auc) / 2:.4f}  balanced accuracy {bal:.4f}  malignancy AUC {auc:.4f}  "
+            m = logit_metrics(np.mean([logits[c] for c in combo], 0), y)
+            print(f"score {score(m):.4f}  balanced accuracy {m['bal_acc']:.4f}  malignancy AUC {m['mal_auc']:.4f}  "
                   + " + ".join(str(c) for c in combo), flush=True)
 
 

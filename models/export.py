@@ -194,8 +194,8 @@ def fit_malignancy_bias(logits: np.ndarray, y: np.ndarray, temperature: float) -
     after temperature scaling (see ``inference.postprocess.calibrated``)."""
     z = torch.from_numpy(logits.astype(np.float64)) / temperature
     mal = torch.zeros(z.shape[1], dtype=torch.bool)
-    mal[[CLASSES.index(c) for c in MALIGNANT]] = True
-    y_mal = torch.from_numpy(np.isin(y, [CLASSES.index(c) for c in MALIGNANT]).astype(np.float64))
+    mal[post.MALIGNANT_IDX] = True
+    y_mal = torch.from_numpy(np.isin(y, post.MALIGNANT_IDX).astype(np.float64))
     # log-odds of malignancy: logsumexp over the malignant logits minus over the benign ones
     log_odds = torch.logsumexp(z[:, mal], 1) - torch.logsumexp(z[:, ~mal], 1)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = tomllib.loads(args.config.read_text())
-    ckpts = args.ckpt or [Path(c) for c in cfg.get("export", {}).get("checkpoints", ["models/checkpoints/run/best.pt"])]
+    best = Path(cfg["train"].get("out_dir", "models/checkpoints/run")) / "best.pt"  # as models.train writes it
+    ckpts = args.ckpt or [Path(c) for c in cfg.get("export", {}).get("checkpoints", [best])]
     export(args.config, ckpts, args.out, args.threads, args.val_limit)
 
 

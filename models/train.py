@@ -58,23 +58,28 @@ def auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def evaluate(model: nn.Module, xs: np.ndarray, ys: np.ndarray, bs: int = 64) -> tuple[dict, np.ndarray]:
-    from sklearn.metrics import balanced_accuracy_score
+def predict_logits(model: nn.Module, xs: np.ndarray, bs: int = 64) -> np.ndarray:
     model.eval()
-    logits = []
     with torch.no_grad():
-        for i in range(0, len(xs), bs):
-            logits.append(model(torch.from_numpy(xs[i:i + bs])).numpy())
-    lg = np.concatenate(logits)
+        return np.concatenate([model(torch.from_numpy(xs[i:i + bs])).numpy() for i in range(0, len(xs), bs)])
+
+
+def logit_metrics(lg: np.ndarray, ys: np.ndarray) -> dict:
+    """Validation metrics of raw logits (plain softmax, no calibration)."""
+    from sklearn.metrics import balanced_accuracy_score
     p = torch.softmax(torch.from_numpy(lg), 1).numpy()
     mal = p[:, [CLASSES.index(c) for c in MALIGNANT]].sum(1)
     ymal = np.isin(ys, [CLASSES.index(c) for c in MALIGNANT]).astype(int)
-    m = {
+    return {
         "bal_acc": float(balanced_accuracy_score(ys, p.argmax(1))),
         "mal_auc": auc(ymal, mal),
         "mel_auc": auc((ys == CLASSES.index("mel")).astype(int), p[:, CLASSES.index("mel")]),
     }
-    return m, lg
+
+
+def score(m: dict) -> float:
+    """The model-selection score: (balanced accuracy + malignancy AUC) / 2."""
+    return (m["bal_acc"] + m["mal_auc"]) / 2
 
 
 def _cosine_tail(opt: torch.optim.Optimizer, steps: int, state: dict | None) -> torch.optim.lr_scheduler.LRScheduler:
@@ -189,15 +194,15 @@ def main(argv: list[str] | None = None) -> None:
                 rate = seen / (time.time() - t_ep)
                 print(f"  epoch {epoch + 1}/{epochs} step {step}/{steps_per_epoch} "
                       f"loss {loss_sum / seen:.4f} {rate:.1f} img/s", flush=True)
-        metrics, _ = evaluate(model, x_val, y_val)
-        score = (metrics["bal_acc"] + metrics["mal_auc"]) / 2
+        metrics = logit_metrics(predict_logits(model, x_val), y_val)
+        val_score = score(metrics)
         line = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": round(time.time() - t_ep),
-                **{f"val_{k}": round(v, 4) for k, v in metrics.items()}, "score": round(score, 4)}
+                **{f"val_{k}": round(v, 4) for k, v in metrics.items()}, "score": round(val_score, 4)}
         print(json.dumps(line), flush=True)
         with log_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
-        if score > best_score:
-            best_score = score
+        if val_score > best_score:
+            best_score = val_score
             torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics, "config": cfg}, best_path)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch, "best_score": best_score, "epochs": epochs, "sched_kind": sched_kind,
