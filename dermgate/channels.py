@@ -68,13 +68,12 @@ class FhirPlanner:
         return prepare_report_payload(image, prediction, store.read(outputs.cam_png_path), self.settings,
                                       issued=utcnow())
 
-    def plan_review(self, image: ImageRef, result: dict[str, Any], review: Any) -> dict[str, Any]:
-        from integration.fhir.channel import FhirChannel
+    def plan_review(self, image: ImageRef, review: Any) -> dict[str, Any]:
+        from integration.fhir.channel import prepare_review_payload
         from integration.fhir.resources import Review, ReviewDecision
         r = Review(review_id=str(review.id), decision=ReviewDecision(review.decision), reviewer=review.reviewer,
                    reviewed_at=review.created_at, diagnosis=review.diagnosis, comment=review.comment)
-        # prepare_review only reads settings: no client or audit needed on the planning side.
-        return FhirChannel(self.settings, None, None).prepare_review(image, r)  # type: ignore[arg-type]
+        return prepare_review_payload(image, r, self.settings)
 
 
 class BundleDirectoryChannel:
@@ -139,8 +138,7 @@ def fhir_token_obtainable(rt: Runtime) -> bool:
     auth = getattr(getattr(getattr(ch, "client", None), "http", None), "auth", None)
     if fhir is None or not isinstance(auth, SmartBackendAuth):
         return True
-    import httpx
-    verify = fhir.verify_tls if isinstance(fhir.verify_tls, bool) else str(fhir.verify_tls)
-    with httpx.Client(timeout=10.0, verify=verify) as http:
+    from integration.fhir.client import build_http_client
+    with build_http_client(fhir) as http:
         auth.fetch_token(http)
     return True

@@ -62,7 +62,7 @@ class Classifier(Protocol):
 
 class Planner(Protocol):
     """Turns a finished result into an outbox payload for one channel (``None``: nothing to send).
-    A planner may also offer ``plan_review(image, result, review)`` (see dermgate/review.py)."""
+    A planner may also offer ``plan_review(image, review)`` (see dermgate/review.py)."""
     channel: str
 
     def plan(self, image: ImageRef, prediction: Prediction, outputs: Outputs, store: ObjectStore) -> dict[str, Any] | None: ...

@@ -46,7 +46,7 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
         image = ImageRef.from_object(inst)
         for planner in rt.planners:
             plan_review = getattr(planner, "plan_review", None)
-            payload = plan_review(image, job.result, review) if plan_review else None
+            payload = plan_review(image, review) if plan_review else None
             if payload is not None:
                 s.add(OutboxItem(job_id=None, channel=planner.channel, kind="review", payload=payload,
                                  business_key=f"{inst.sop_instance_uid}:review:{review.id}"))

@@ -142,32 +142,17 @@ def decode_rgb(ds: Dataset, *, max_pixels: int | None = None) -> RGBImage:
     return _decode_generic(ds, geo)
 
 
-def verify_decodable(ds: Dataset, max_pixels: int) -> ImageGeometry:
-    """The SCP's admission check: the first frame decodes to the declared image.
+def verify_decodable(ds: Dataset, geo: ImageGeometry) -> None:
+    """The SCP's admission check: the first frame decodes to the declared image
+    (``geo``, from :func:`geometry`, already passed :func:`check_image`).
 
     For 8-bit YBR JPEG the scan is entropy-decoded in full but reconstructed at
     1/8 scale (libjpeg DCT scaling): corrupt or truncated data fails exactly as
     in a full decode, at a quarter of the cost. Everything else is decoded in full.
     """
-    geo = geometry(ds)
-    check_image(geo, max_pixels)
-    if _fast_jpeg(geo):
-        frame = _first_frame(ds, geo)
-        try:
-            with Image.open(io.BytesIO(frame), formats=("JPEG",)) as im:
-                if im.info.get("adobe_transform") != _ADOBE_TRANSFORM_NONE and im.mode == "RGB":
-                    if im.size != (geo.columns, geo.rows):
-                        raise CorruptPixelData(f"JPEG is {im.size[0]}x{im.size[1]}, header says "
-                                               f"{geo.columns}x{geo.rows}")
-                    im.draft("RGB", (max(1, geo.columns // 8), max(1, geo.rows // 8)))
-                    im.load()
-                    return geo
-        except CorruptPixelData:
-            raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise CorruptPixelData(f"JPEG does not decode: {exc}"[:120]) from exc
-    decode_rgb(ds)
-    return geo
+    if _fast_jpeg(geo) and _decode_jpeg_ybr(ds, geo, reduce=8) is not None:
+        return
+    _decode_generic(ds, geo)
 
 
 def _fast_jpeg(geo: ImageGeometry) -> bool:
@@ -182,8 +167,10 @@ def _first_frame(ds: Dataset, geo: ImageGeometry) -> bytes:
         raise CorruptPixelData(f"encapsulated pixel data unreadable: {exc}"[:120]) from exc
 
 
-def _decode_jpeg_ybr(ds: Dataset, geo: ImageGeometry) -> RGBImage | None:
-    """libjpeg-turbo decode with its own YCbCr -> RGB; None to fall back to the generic path."""
+def _decode_jpeg_ybr(ds: Dataset, geo: ImageGeometry, reduce: int = 1) -> RGBImage | None:
+    """libjpeg-turbo decode with its own YCbCr -> RGB; None to fall back to the generic path.
+
+    ``reduce`` > 1 reconstructs at 1/reduce scale (the whole scan is still decoded)."""
     frame = _first_frame(ds, geo)
     try:
         with Image.open(io.BytesIO(frame), formats=("JPEG",)) as im:
@@ -192,6 +179,8 @@ def _decode_jpeg_ybr(ds: Dataset, geo: ImageGeometry) -> RGBImage | None:
             if im.size != (geo.columns, geo.rows):
                 raise CorruptPixelData(f"JPEG is {im.size[0]}x{im.size[1]}, header says "
                                        f"{geo.columns}x{geo.rows}")
+            if reduce > 1:
+                im.draft("RGB", (max(1, geo.columns // reduce), max(1, geo.rows // reduce)))
             im.load()
             return np.asarray(im, dtype=np.uint8)
     except CorruptPixelData:

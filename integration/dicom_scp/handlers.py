@@ -170,7 +170,7 @@ def _receive(event: Event, intake: Intake, cfg: DicomSettings, store: ObjectStor
         check_image(geo, cfg.max_pixels)
         if store.free_bytes() < cfg.min_free_bytes:
             raise Refusal(st.OUT_OF_RESOURCES, "storage below its free-space reserve")
-        verify_decodable(ds, cfg.max_pixels)
+        verify_decodable(ds, geo)
         result = _accept(intake, encoded, image, geo.transfer_syntax)
     except Refusal as refusal:
         return StoreOutcome(refusal.status, refusal.reason, image, None, details)

@@ -95,6 +95,14 @@ def prepare_report_payload(image: ImageRef, prediction: Prediction, cam_png: byt
             "image": image.to_json(), "bundle": bundle}
 
 
+def prepare_review_payload(image: ImageRef, review: Review, settings: FhirSettings) -> dict[str, Any]:
+    """The outbox payload for a clinician's review (confirm -> final, override -> amended)."""
+    report = effective_profile(settings).report.value
+    return {"kind": KIND_REVIEW, "version": PAYLOAD_VERSION, "business_key": review_business_key(image, review),
+            "profile": settings.profile.value, "report_type": report,
+            "image": image.to_json(), "review": review.to_json()}
+
+
 class FhirChannel:
     """Channel protocol implementation (name ``fhir``); ``deliver`` is idempotent."""
 
@@ -128,11 +136,7 @@ class FhirChannel:
         return prepare_report_payload(image, prediction, cam_png, self.settings, issued=self.clock(), pdf=pdf)
 
     def prepare_review(self, image: ImageRef, review: Review) -> dict[str, Any]:
-        """The outbox payload for a clinician's review (confirm -> final, override -> amended)."""
-        report = effective_profile(self.settings).report.value
-        return {"kind": KIND_REVIEW, "version": PAYLOAD_VERSION, "business_key": review_business_key(image, review),
-                "profile": self.settings.profile.value, "report_type": report,
-                "image": image.to_json(), "review": review.to_json()}
+        return prepare_review_payload(image, review, self.settings)
 
     # ---- deliver (outbox side) -----------------------------------------------------------------
 
