@@ -215,8 +215,8 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     from dermgate.api.deps import ROLES, hash_token, load_tokens
     from dermgate.db import utcnow
     from dermgate.durable import write_atomic
-    rt = _runtime(args)
-    path = rt.settings.api_tokens_file
+    settings = _logged_settings(args)   # tokens file and audit trail only: no database, no migrations
+    path = settings.api_tokens_file
     tokens = load_tokens(path)
     if args.action == "list":
         rows = [(v["user"], v["role"], v.get("created", ""), k[:12]) for k, v in sorted(tokens.items(),
@@ -238,12 +238,16 @@ def cmd_api_token(args: argparse.Namespace) -> int:
         if len(tokens) == before:
             print(f"no token for {args.name}", file=sys.stderr)
             return 1
-    write_atomic(path, json.dumps(tokens, indent=1).encode(), mode=0o600, dir_mode=0o700)
-    rt.audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=args.user,
-                               actor_role="operator", action="C" if args.action == "add" else "D",
-                               detail={"api_token": args.action, "for_user": args.name,
-                                       "role": getattr(args, "role", None)}))
-    rt.close()
+    from dermgate.app import open_audit
+    audit = open_audit(settings)
+    try:
+        write_atomic(path, json.dumps(tokens, indent=1).encode(), mode=0o600, dir_mode=0o700)
+        audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=args.user,
+                                actor_role="operator", action="C" if args.action == "add" else "D",
+                                detail={"api_token": args.action, "for_user": args.name,
+                                        "role": getattr(args, "role", None)}))
+    finally:
+        audit.close()
     if args.action == "add":
         print(token)
         print(f"token for {args.name} ({args.role}) issued; it is shown only this once", file=sys.stderr)

@@ -90,14 +90,13 @@ class Service:
         api = self.rt.settings.api
         tls: dict[str, Any] = {}
         if api.tls_cert_file and api.tls_key_file:
-            import ssl
             tls = {"ssl_certfile": str(api.tls_cert_file), "ssl_keyfile": str(api.tls_key_file),
-                   "ssl_version": ssl.PROTOCOL_TLS_SERVER,
                    "ssl_ciphers": "ECDHE+AESGCM:ECDHE+CHACHA20"}   # BCP 195 AEAD suites
         cfg = uvicorn.Config(app, host=api.host, port=api.port, log_level="warning", access_log=False, **tls)
         if tls:
+            import ssl
             cfg.load()
-            cfg.ssl.minimum_version = __import__("ssl").TLSVersion.TLSv1_2  # type: ignore[union-attr]
+            cfg.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # type: ignore[union-attr]
         self.api_server = uvicorn.Server(cfg)
         self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         t = threading.Thread(target=self.api_server.run, name="api", daemon=True)
