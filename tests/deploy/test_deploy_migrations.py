@@ -166,7 +166,7 @@ def test_postgres_peer_listens_on_loopback_only(postgres_database: str) -> None:
     try:
         with engine.connect() as conn:
             assert conn.execute(text("SHOW listen_addresses")).scalar() == "127.0.0.1"
-            assert conn.execute(text("SHOW server_version_num")).scalar() >= "150000"
+            assert int(conn.execute(text("SHOW server_version_num")).scalar()) >= 150000
             assert inspect(conn).get_table_names() == []          # each test gets an empty database
     finally:
         engine.dispose()

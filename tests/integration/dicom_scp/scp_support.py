@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import dcmwrite, write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pynetdicom import AE, _config
 from sqlalchemy import select
@@ -49,7 +49,6 @@ class Harness:
     store: ObjectStore
     sessions: sessionmaker
     root: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -134,13 +133,6 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- a pynetdicom SCU for objects dcmtk will not send --------------------------------------------
-
-def encode(ds: Dataset) -> bytes:
-    """A Part 10 stream of ``ds`` as it is (no fixing of the file meta)."""
-    buf = BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=False)
-    return buf.getvalue()
-
 
 @dataclass(frozen=True)
 class StoreAnswer:

@@ -4,16 +4,3 @@ They live in ``tests.integration.fhir.peer`` so that other test areas (the
 end-to-end DICOM -> FHIR test) can load the same ones as a pytest plugin:
 ``pytest_plugins = ["tests.integration.fhir.peer"]`` in tests/conftest.py.
 """
-
-from __future__ import annotations
-
-from tests.integration.fhir.peer import (  # noqa: F401  (fixtures)
-    TEST_CLIENT_ID,
-    audit_sink,
-    fhir,
-    fhir_schema,
-    fhir_server,
-    fhir_settings,
-    patient,
-    smart_key,
-)
