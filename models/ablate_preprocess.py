@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from inference.engine import load_image
+from inference.evaluate import classification_metrics
 from inference.preprocess import prepare
-from inference.result import CLASSES, MALIGNANT
+from inference.result import CLASSES
 from models.split import load_split
 
 VARIANTS = {
@@ -60,14 +61,9 @@ def probe(f_tr: np.ndarray, y_tr: np.ndarray, *f_ev: np.ndarray) -> list[np.ndar
 
 
 def scores(p: np.ndarray, y: np.ndarray) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-    mal_idx = [CLASSES.index(c) for c in MALIGNANT]
-    mel = CLASSES.index("mel")
-    present = np.unique(y)
-    pred = present[p[:, present].argmax(1)]
-    return {"malignancy_auc": round(float(roc_auc_score(np.isin(y, mal_idx), p[:, mal_idx].sum(1))), 4),
-            "melanoma_auc": round(float(roc_auc_score(y == mel, p[:, mel])), 4),
-            "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 4)}
+    """The evaluation interface's own definitions (``inference.evaluate``)."""
+    m = classification_metrics([CLASSES[i] for i in y], p, referral_threshold=0.5)
+    return {k: round(float(m[k]), 4) for k in ("malignancy_auc", "melanoma_auc", "balanced_accuracy")}
 
 
 def main(argv: list[str] | None = None) -> None:
