@@ -27,6 +27,17 @@ class AugmentConfig:
     vignette_p: float = 0.3
     blur_p: float = 0.2
     zoom_out_p: float = 0.15
+    # "reflect" copies the lesion into the border (the recipe of 1.x);
+    # "skin_or_black" pads with the image's own border colour or black, as other
+    # scopes frame a smaller lesion.
+    zoom_out_fill: str = "reflect"
+    zoom_out_max: float = 0.3
+    # Camera corruptions (MedMNIST-C's dermatoscopy catalogue), all off by default.
+    jpeg_p: float = 0.0          # re-encode at quality 30-90
+    rescale_p: float = 0.0       # down to 35-80 %, then back up
+    gamma_p: float = 0.0         # gamma 0.6-1.6
+    noise_p: float = 0.0         # Gaussian sensor noise, sigma 2-10 grey levels
+    dark_corner_p: float = 0.0   # darker corners (lens fall-off), not a hard circle
 
 
 def _random_crop(img: Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image:
@@ -44,11 +55,49 @@ def _random_crop(img: Image, rng: np.random.Generator, cfg: AugmentConfig) -> Im
     return img
 
 
-def _zoom_out(img: Image, rng: np.random.Generator) -> Image:
-    """Place the image smaller inside a border of its own reflected skin."""
+def _zoom_out(img: Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image:
+    """Place the image smaller inside a border: the lesion looks smaller in frame."""
     h, w = img.shape[:2]
-    pad = int(min(h, w) * rng.uniform(0.1, 0.3))
-    return cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
+    pad = int(min(h, w) * rng.uniform(0.1, cfg.zoom_out_max))
+    if cfg.zoom_out_fill == "reflect":
+        return cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
+    if rng.random() < 0.5:
+        colour = (0, 0, 0)
+    else:  # the median colour of the outer ring: the surrounding skin, never the lesion
+        ring = np.concatenate([img[:4].reshape(-1, 3), img[-4:].reshape(-1, 3),
+                               img[:, :4].reshape(-1, 3), img[:, -4:].reshape(-1, 3)])
+        colour = tuple(int(c) for c in np.median(ring, axis=0))
+    return cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=colour)
+
+
+def _jpeg(img: Image, rng: np.random.Generator) -> Image:
+    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 91))])
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]) if ok else img
+
+
+def _rescale(img: Image, rng: np.random.Generator) -> Image:
+    h, w = img.shape[:2]
+    f = rng.uniform(0.35, 0.8)
+    small = cv2.resize(img, (max(8, int(w * f)), max(8, int(h * f))), interpolation=cv2.INTER_AREA)
+    return np.asarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+
+
+def _gamma(img: Image, rng: np.random.Generator) -> Image:
+    lut = (255.0 * (np.arange(256) / 255.0) ** rng.uniform(0.6, 1.6)).astype(np.uint8)
+    return np.asarray(cv2.LUT(img, lut), dtype=np.uint8)
+
+
+def _noise(img: Image, rng: np.random.Generator) -> Image:
+    noisy = img.astype(np.float32) + rng.normal(0, rng.uniform(2, 10), img.shape).astype(np.float32)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _dark_corners(img: Image, rng: np.random.Generator) -> Image:
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    d = np.sqrt(((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2) / math.sqrt(2)
+    fall = 1 - rng.uniform(0.3, 0.8) * np.clip(d, 0, 1) ** 2
+    return (img.astype(np.float32) * fall[..., None]).astype(np.uint8)
 
 
 def _rotate(img: Image, rng: np.random.Generator) -> Image:
@@ -85,7 +134,7 @@ def _vignette(img: Image, rng: np.random.Generator) -> Image:
 
 def augment(img: Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image:
     if rng.random() < cfg.zoom_out_p:
-        img = _zoom_out(img, rng)
+        img = _zoom_out(img, rng, cfg)
     img = _random_crop(img, rng, cfg)
     if cfg.rotate:
         img = _rotate(img, rng)
@@ -96,4 +145,10 @@ def augment(img: Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2))
     if rng.random() < cfg.vignette_p:
         img = _vignette(img, rng)
+    # Camera corruptions; each draw happens only when its probability is set, so a
+    # 1.x config replays exactly the augmentation stream it was trained with.
+    for p, fn in ((cfg.gamma_p, _gamma), (cfg.dark_corner_p, _dark_corners), (cfg.rescale_p, _rescale),
+                  (cfg.noise_p, _noise), (cfg.jpeg_p, _jpeg)):
+        if p and rng.random() < p:
+            img = fn(img, rng)
     return img

@@ -34,6 +34,31 @@ def load_images(ham_dir: Path, ids: list[str]) -> list[np.ndarray]:
     return [load_image(ham_dir / "images" / f"{image_id}.jpg") for image_id in ids]
 
 
+def ham_dx_type(ham_dir: Path) -> dict[str, str]:
+    """image_id -> how HAM10000 confirmed the label (histo, follow_up, consensus, confocal)."""
+    import csv
+    with (ham_dir / "metadata.csv").open(newline="") as fh:
+        return {r["image_id"]: r["dx_type"] for r in csv.DictReader(fh)}
+
+
+def isic_rows(isic_dir: Path, split: str) -> list[dict[str, str]]:
+    """Labelled ISIC 2017 rows of one split. Only ``train`` (training) and ``val``
+    (selection) may be asked for: ``test`` is external and never read here."""
+    import csv
+    if split == "test":
+        raise ValueError("ISIC 2017 test is external validation: never train or select on it")
+    with (isic_dir / "labels.csv").open(newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["split"] == split and r["dx"]]
+
+
+def hard_case_metrics(p: np.ndarray, ys: np.ndarray, dx_types: list[str]) -> dict:
+    """Melanoma against naevi confirmed by histopathology: the excised, atypical naevi
+    that other clinics' collections are full of (issue 10)."""
+    mel, nv = CLASSES.index("mel"), CLASSES.index("nv")
+    keep = np.array([(y == mel) or (y == nv and t == "histo") for y, t in zip(ys, dx_types)])
+    return {"mel_vs_histo_nv_auc": auc((ys[keep] == mel).astype(int), p[keep, mel])}
+
+
 def to_tensor(img: np.ndarray, size: int, pp: dict) -> np.ndarray:
     """The service's own preprocessing (``inference.preprocess.prepare``), with the config's flags."""
     return prepare(img, size, colour_constancy=pp.get("colour_constancy", True),
@@ -78,8 +103,28 @@ def logit_metrics(lg: np.ndarray, ys: np.ndarray) -> dict:
 
 
 def score(m: dict) -> float:
-    """The model-selection score: (balanced accuracy + malignancy AUC) / 2."""
+    """The model-selection score.
+
+    1.x: (balanced accuracy + malignancy AUC) / 2 on HAM10000 validation. Where the
+    hard cases were measured (2.x), their AUCs weigh as much as the overall ones:
+    mean of HAM balanced accuracy, HAM malignancy AUC, HAM melanoma against
+    histopathology naevi, and ISIC 2017 validation melanoma AUC.
+    """
+    if "mel_vs_histo_nv_auc" in m and "isic_mel_auc" in m:
+        return (m["bal_acc"] + m["mal_auc"] + m["mel_vs_histo_nv_auc"] + m["isic_mel_auc"]) / 4
     return (m["bal_acc"] + m["mal_auc"]) / 2
+
+
+def validation_metrics(lg_ham: np.ndarray, y_ham: np.ndarray, dx_types: list[str] | None,
+                       lg_isic: np.ndarray | None, y_isic: np.ndarray | None) -> dict:
+    """All selection metrics from raw logits: HAM validation, its hard cases, ISIC 2017 validation."""
+    m = logit_metrics(lg_ham, y_ham)
+    if dx_types is not None:
+        m.update(hard_case_metrics(torch.softmax(torch.from_numpy(lg_ham), 1).numpy(), y_ham, dx_types))
+    if lg_isic is not None and y_isic is not None:
+        p = torch.softmax(torch.from_numpy(lg_isic), 1).numpy()
+        m["isic_mel_auc"] = auc((y_isic == CLASSES.index("mel")).astype(int), p[:, CLASSES.index("mel")])
+    return m
 
 
 def _cosine_tail(opt: torch.optim.Optimizer, steps: int, state: dict | None) -> torch.optim.lr_scheduler.LRScheduler:
@@ -133,13 +178,38 @@ def main(argv: list[str] | None = None) -> None:
     y_train = np.array([CLASSES.index(r["dx"]) for r in train_rows])
     x_val = np.stack([to_tensor(im, size, pp) for im in load_images(ham, [r["image_id"] for r in val_rows])])
     y_val = np.array([CLASSES.index(r["dx"]) for r in val_rows])
-    print(f"loaded {len(train_imgs)} train / {len(x_val)} val images in {time.time() - t0:.0f}s", flush=True)
+    # Per-image loss weights by how the label was confirmed ("dx:dx_type" -> factor):
+    # up-weight excised naevi, the hard negatives (issue 10).
+    dx_type = ham_dx_type(ham)
+    sw_cfg: dict = tc.get("sample_weight", {})
+    sample_w = [float(sw_cfg.get(f"{r['dx']}:{dx_type.get(r['image_id'], '')}", 1.0)) for r in train_rows]
+    val_dx_types = [dx_type.get(r["image_id"], "") for r in val_rows] if d.get("hard_case_selection") else None
+    x_isic = y_isic = None
+    if d.get("isic_dir"):
+        isic = Path(d["isic_dir"])
+        it = isic_rows(isic, "train")
+        iv = isic_rows(isic, "val")
+        if args.limit:
+            it, iv = it[: args.limit // 4], iv[:32]
+        train_imgs += [load_image(isic / "images" / f"{r['image_id']}.jpg") for r in it]
+        y_train = np.concatenate([y_train, [CLASSES.index(r["dx"]) for r in it]]).astype(int)
+        sample_w += [float(sw_cfg.get(f"{r['dx']}:isic", 1.0)) for r in it]
+        x_isic = np.stack([to_tensor(load_image(isic / "images" / f"{r['image_id']}.jpg"), size, pp) for r in iv])
+        y_isic = np.array([CLASSES.index(r["dx"]) for r in iv])
+    w_train = np.asarray(sample_w, np.float32)
+    print(f"loaded {len(train_imgs)} train / {len(x_val)} val images"
+          f"{'' if x_isic is None else f' / {len(x_isic)} ISIC val'} in {time.time() - t0:.0f}s", flush=True)
 
     counts = np.bincount(y_train, minlength=len(CLASSES)).astype(float)
     weights = (counts.sum() / np.maximum(counts, 1)) ** tc["class_weight_power"]
     weights = weights / (weights * counts).sum() * counts.sum()
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32),
-                                  label_smoothing=tc.get("label_smoothing", 0.0))
+    class_w = torch.tensor(weights, dtype=torch.float32)
+    ce = nn.CrossEntropyLoss(reduction="none", label_smoothing=tc.get("label_smoothing", 0.0))
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+        """Class- and sample-weighted mean (with all sample weights 1: the 1.x loss)."""
+        w = class_w[y] * sw
+        return (ce(logits, y) * w).sum() / w.sum()
 
     model = build_model(mc["arch"], mc["dropout"])
     init_from = mc.get("init_from")
@@ -187,14 +257,15 @@ def main(argv: list[str] | None = None) -> None:
             idx = order[step * tc["batch_size"]:(step + 1) * tc["batch_size"]]
             xb = np.stack([to_tensor(augment(train_imgs[i], rng, acfg), size, pp) for i in idx])
             logits = model(torch.from_numpy(xb))
-            loss = loss_fn(logits, torch.from_numpy(y_train[idx]))
+            loss = loss_fn(logits, torch.from_numpy(y_train[idx]), torch.from_numpy(w_train[idx]))
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
             seen += len(idx); loss_sum += float(loss.detach()) * len(idx)
             if step % 20 == 0:
                 rate = seen / (time.time() - t_ep)
                 print(f"  epoch {epoch + 1}/{epochs} step {step}/{steps_per_epoch} "
                       f"loss {loss_sum / seen:.4f} {rate:.1f} img/s", flush=True)
-        metrics = logit_metrics(predict_logits(model, x_val), y_val)
+        metrics = validation_metrics(predict_logits(model, x_val), y_val, val_dx_types,
+                                     None if x_isic is None else predict_logits(model, x_isic), y_isic)
         val_score = score(metrics)
         line = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": round(time.time() - t_ep),
                 **{f"val_{k}": round(v, 4) for k, v in metrics.items()}, "score": round(val_score, 4)}
