@@ -66,6 +66,8 @@ class PrototypeIntake(Intake):
 
         from dermgate.db import Instance, Job, JobState
         from dermgate.intake import IntakeResult, IntakeStatus
+        if isinstance(encoded, Path):           # the SCP receives into a file (integration/dicom_scp/incoming.py)
+            encoded = encoded.read_bytes()
         written = self.pool.submit(self.store.put_object, encoded)
         digest = hashlib.sha256(encoded).hexdigest()
         rel = f"objects/{digest[:2]}/{digest}.dcm"

@@ -48,7 +48,8 @@ class Runtime:
         from inference.engine import Engine
         m = self.settings.model
         threads = m.threads or max(1, (os.cpu_count() or 2))
-        engine = Engine(m.path, intra_op_threads=threads)
+        # No CPU arena: it would hold the largest batch's memory for good (issue 16, bench_memory.py).
+        engine = Engine(m.path, intra_op_threads=threads, cpu_memory_arena=False)
         for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
             metrics.EXECUTION_PROVIDER.labels(provider).set(1 if engine.providers[0] == provider else 0)
         return TimedClassifier(engine)

@@ -66,7 +66,7 @@ class FhirPlanner:
         from integration.fhir.channel import prepare_report_payload
         from dermgate.db import utcnow
         return prepare_report_payload(image, prediction, store.read(outputs.cam_png_path), self.settings,
-                                      issued=utcnow())
+                                      issued=utcnow(), notes=[outputs.note] if outputs.note else [])
 
     def plan_review(self, image: ImageRef, review: Any) -> dict[str, Any]:
         from integration.fhir.channel import prepare_review_payload

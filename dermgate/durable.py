@@ -4,20 +4,46 @@ A unique temporary file is created with its final permissions, written,
 fsynced, renamed over the target (atomic on POSIX), and the directory is
 fsynced so the rename itself survives a power loss. Readers see the old
 bytes or the new, never a torn file.
+
+A process killed between create and rename leaves its temporary file behind.
+Its name says who wrote it (``.<name>.<host>+<pid>.<random>.tmp``), so that
+:func:`clean_orphans`, run at start, removes the leftovers of dead processes on
+this host at once and never a file a live process is still writing.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+STARTED = time.time()                     # this process's start, near enough (module import)
+# Another host's leftovers (a shared volume) go once they are this old: no write takes a day.
+FOREIGN_GRACE_S = 24 * 3600.0
+_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\+(?P<pid>\d+)\.")
+
+
+def host_tag() -> str:
+    """This host's name as it appears in temporary file names and lease owners."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:28] or "host"
+
+
+def owner_tag() -> str:
+    """``<host>+<pid>``: who is writing a temporary file."""
+    return f"{host_tag()}+{os.getpid()}"
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, dir_mode: int = 0o750) -> Path:
     """Durably replace ``path`` with ``data``; raises OSError (callers translate it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{owner_tag()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
@@ -31,9 +57,72 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, dir_mode: int = 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (a zombie counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Orphan:
+    path: Path
+    why: str
+
+
+def orphans(root: Path, *, now: float | None = None, grace_s: float = FOREIGN_GRACE_S) -> Iterator[Orphan]:
+    """Temporary files under ``root`` that no live writer will finish.
+
+    Written on this host by a process that is gone, or by an earlier process with this
+    process's id (a container restarted as pid 1) before this one started: orphaned at once.
+    Written on another host, or named by an older release: orphaned once ``grace_s`` old.
+    A live process's file is never one.
+    """
+    now = now or time.time()
+    host, me = host_tag(), os.getpid()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(TMP_SUFFIX):
+                continue
+            path = Path(folder) / name
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue                 # renamed or removed meanwhile: not ours to judge
+            m = _OWNER.search(name)
+            if m and m["host"] == host:
+                pid = int(m["pid"])
+                if pid == me and mtime < STARTED:
+                    yield Orphan(path, "left by an earlier process with this process id")
+                elif pid != me and not pid_alive(pid):
+                    yield Orphan(path, f"left by process {pid}, which is gone")
+            elif now - mtime > grace_s:
+                yield Orphan(path, f"written by {m['host'] if m else 'an unknown writer'} over {grace_s:.0f} s ago")
+
+
+def clean_orphans(root: Path, **kwargs: float) -> list[Orphan]:
+    """Remove the :func:`orphans` under ``root``; returns what was removed."""
+    removed = []
+    for orphan in orphans(root, **kwargs):
+        try:
+            orphan.path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(orphan)
+    return removed

@@ -1,9 +1,9 @@
 """Intake: make a received object durable and queue its job, before Success is answered.
 
-The SCP handler calls :meth:`Intake.accept` with the encoded object; when it
-returns ``ACCEPTED`` or ``DUPLICATE`` the bytes are fsynced on disk and the
-instance row and its job are committed, so the Success status is a promise
-the service can keep across a crash.
+The SCP handler calls :meth:`Intake.accept` with the received object (the file
+it arrived in, or its bytes); when it returns ``ACCEPTED`` or ``DUPLICATE`` the
+bytes are fsynced on disk and the instance row and its job are committed, so the
+Success status is a promise the service can keep across a crash.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -40,13 +41,18 @@ class Intake:
         self.store = store
         self.sessions = sessions
 
-    def accept(self, encoded: bytes, image: ImageRef, transfer_syntax_uid: str) -> IntakeResult:
-        rel, digest = self.store.put_object(encoded)
+    def accept(self, encoded: bytes | Path, image: ImageRef, transfer_syntax_uid: str) -> IntakeResult:
+        """``encoded``: the Part 10 object, as bytes or as the file it was received into
+        (renamed into the store, see :meth:`ObjectStore.put_object_file`)."""
+        if isinstance(encoded, Path):
+            rel, digest, size = self.store.put_object_file(encoded)
+        else:
+            (rel, digest), size = self.store.put_object(encoded), len(encoded)
         correlation_id = uuid.uuid4().hex[:16]
         try:
             with self.sessions.begin() as s:
                 inst = Instance(**image.to_json(), transfer_syntax_uid=transfer_syntax_uid,
-                                sha256=digest, size=len(encoded), path=rel)
+                                sha256=digest, size=size, path=rel)
                 s.add(inst)
                 s.flush()
                 job = Job(instance_id=inst.id, state=JobState.RECEIVED, correlation_id=correlation_id)

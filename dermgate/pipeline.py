@@ -15,14 +15,24 @@
 
 The core speaks in ImageRef / Prediction / Outputs; pydicom and HTTP stay in
 the channels and the output writers it calls.
+
+Errors: a stage that fails is retried with back-off, up to ``max_attempts``; a failure
+that retrying cannot change is dead-lettered at once, with its reason for a person::
+
+    PipelineError           a stage failed (transient: I/O, the classifier, the database)
+     +-- PermanentError     the stored object cannot be read, decoded, rendered or planned:
+                            the same bytes fail the same way on every attempt
+
+Loading, decoding, rendering and planning are pure functions of the stored object and the
+result: any error they raise other than an OSError or MemoryError is permanent.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
@@ -37,7 +47,7 @@ from sqlalchemy.orm import sessionmaker
 from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState, OutboxItem, OutboxState, utcnow
-from dermgate.queue import backoff, claim, fenced_update, release
+from dermgate.queue import backoff, claim, fenced_update, owner_id, release, release_dead_owners
 from dermgate.records import Channel, ImageRef, Outputs
 from dermgate.settings import WorkerSettings
 from dermgate.store import ObjectStore
@@ -49,11 +59,25 @@ ACTIVE_JOB_STATES = (JobState.RECEIVED, JobState.CLASSIFIED)
 
 
 class PipelineError(Exception):
-    """A stage failed; ``permanent`` errors dead-letter at once instead of retrying."""
+    """A stage failed; retried with back-off up to ``max_attempts``."""
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+
+class PermanentError(PipelineError):
+    """Retrying cannot help: the job is dead-lettered at once with this reason."""
+
+
+_TRANSIENT = (OSError, MemoryError)
+
+
+@contextmanager
+def permanent_unless_transient(what: str) -> Iterator[None]:
+    """Turn the errors of a deterministic stage into :class:`PermanentError` (``what``: the stage)."""
+    try:
+        yield
+    except (PipelineError, *_TRANSIENT):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a pure stage raises, it raises again
+        raise PermanentError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 class Classifier(Protocol):
@@ -84,18 +108,26 @@ class Loaded:
 # ---- stages: small typed functions -------------------------------------------------------------
 
 def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
-    """Stage 1: read the stored object back (it was fsynced before Success was answered)."""
-    ds = pydicom.dcmread(BytesIO(store.read(inst.path)))
+    """Stage 1: read the stored object back (it was fsynced before Success was answered).
+    A missing or unreadable file is transient (a volume not mounted yet); bytes that do not
+    parse are permanent."""
+    data = store.read(inst.path)
+    with permanent_unless_transient("stored object cannot be parsed"):
+        ds = pydicom.dcmread(BytesIO(data))
     return Loaded(job.id, job.correlation_id, ImageRef.from_object(inst), ds)
+
+
+def decode(item: Loaded) -> np.ndarray:
+    """Stage 2a: the first frame as RGB; an image that does not decode fails permanently."""
+    from integration.dicom_scp.decode import decode_rgb
+    with permanent_unless_transient("pixel data cannot be decoded"):
+        item.rgb = decode_rgb(item.dataset)
+    return item.rgb
 
 
 def classify(loaded: list[Loaded], classifier: Classifier) -> list[Prediction]:
     """Stage 2: decode pixels to RGB and run the model on the batch."""
-    from integration.dicom_scp.decode import decode_rgb
-    images = [decode_rgb(item.dataset) for item in loaded]
-    for item, rgb in zip(loaded, images):
-        item.rgb = rgb
-    return classifier.predict(images)
+    return classifier.predict([item.rgb if item.rgb is not None else decode(item) for item in loaded])
 
 
 def derived_dir(image: ImageRef) -> str:
@@ -108,11 +140,38 @@ def render(store: ObjectStore, item: Loaded, prediction: Prediction) -> Outputs:
     Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
     """
     from integration.dicom_scp.outputs import write_outputs
-    written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb)
+    with permanent_unless_transient("outputs cannot be built"):
+        written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb)
     return written.to_record(store.root)
 
 
+def plan(planners: list[Planner], store: ObjectStore, item: Loaded, prediction: Prediction,
+         outputs: Outputs) -> list[tuple[str, dict[str, Any] | None]]:
+    """Stage 4: each channel's payload (a report that cannot be built fails permanently)."""
+    with permanent_unless_transient("delivery payload cannot be built"):
+        return [(p.channel, p.plan(item.image, prediction, outputs, store)) for p in planners]
+
+
 # ---- the worker: composes the stages under a lease ---------------------------------------------
+
+class DeadOwnerReaper:
+    """Releases the leases of this host's dead processes at the first run and then once per lease
+    period, so a restarted worker resumes their jobs at once (``queue.release_dead_owners``)."""
+
+    def __init__(self, model: Any, period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model, self.period_s, self.clock = model, period_s, clock
+        self.next_at: float | None = None
+
+    def maybe_run(self, sessions: sessionmaker) -> None:
+        now = self.clock()
+        if self.next_at is not None and now < self.next_at:
+            return
+        self.next_at = now + self.period_s
+        with sessions.begin() as s:
+            dead = release_dead_owners(s, self.model)
+        if dead:
+            log.warning("dead_owner_leases_released", table=self.model.__tablename__, owners=dead)
+
 
 class Worker:
     """Claims jobs, runs stages 1-4, and commits each stage's result fenced on its lease."""
@@ -122,10 +181,12 @@ class Worker:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions, self.store, self.classifier, self.audit = sessions, store, classifier, audit
         self.planners, self.cfg, self.clock = planners, cfg, clock
-        self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        self.owner = owner or owner_id("worker")
+        self._reaper = DeadOwnerReaper(Job, cfg.lease_seconds, clock)
 
     def run_once(self) -> int:
         """Claim a batch and take each job as far as it goes; returns how many jobs were claimed."""
+        self._reaper.maybe_run(self.sessions)
         with self.sessions.begin() as s:
             jobs = claim(s, Job, ACTIVE_JOB_STATES, self.owner, self.cfg.lease_seconds, self.cfg.batch_size)
             rows = [(j, s.get(Instance, j.instance_id)) for j in jobs]
@@ -136,8 +197,12 @@ class Worker:
         for job, inst in rows:
             try:
                 loaded = load(self.store, inst, job)
+                decode(loaded)
+            except PermanentError as exc:
+                self._fail(job, inst, str(exc), permanent=True)
+                continue
             except Exception as exc:  # noqa: BLE001 - any read failure is a job failure, recorded
-                self._fail(job, inst, f"cannot read stored object: {exc}", permanent=False)
+                self._fail(job, inst, f"cannot read stored object: {exc}")
                 continue
             # A job resumed after CLASSIFIED is classified again rather than reloaded: the
             # model is deterministic and the Grad-CAM map is derivable, so nothing but the
@@ -186,7 +251,10 @@ class Worker:
         t0 = self.clock()
         try:
             outputs = render(self.store, item, prediction)
-            plans = [(p.channel, p.plan(item.image, prediction, outputs, self.store)) for p in self.planners]
+            plans = plan(self.planners, self.store, item, prediction, outputs)
+        except PermanentError as exc:
+            self._fail(job, inst, str(exc), permanent=True)
+            return
         except Exception as exc:  # noqa: BLE001
             self._fail(job, inst, f"rendering failed: {exc}")
             return
@@ -211,8 +279,14 @@ class Worker:
         log.info("rendered", correlation_id=item.correlation_id, deliveries=len(plans))
 
     def _fail(self, job: Job, inst: Instance, reason: str, permanent: bool = False) -> None:
+        """Record a failed attempt: retry later, or dead-letter (permanent, or attempts used up).
+        A dead letter's ``last_error`` says which, and why, for the person who reads ``jobs list``."""
         attempts = job.attempts + 1
         dead = permanent or attempts >= self.cfg.max_attempts
+        if permanent:
+            reason = f"permanent, not retried: {reason}"
+        elif dead:
+            reason = f"gave up after {attempts} attempts: {reason}"
         delay = backoff(attempts, self.cfg.backoff_base_s, self.cfg.backoff_max_s)
         with self.sessions.begin() as s:
             fenced_update(s, Job, job.id, self.owner, attempts=attempts, last_error=reason[:2000],
@@ -224,7 +298,9 @@ class Worker:
             self.audit.record(AuditEvent(
                 event=EventType.CLASSIFIED, outcome=Outcome.SERIOUS_FAILURE, actor="dermgate",
                 patient_id=inst.patient_id, study_uid=inst.study_instance_uid,
-                sop_instance_uids=(inst.sop_instance_uid,), detail={"reason": reason[:500], "dead_letter": True}))
+                sop_instance_uids=(inst.sop_instance_uid,),
+                detail={"reason": reason[:500], "dead_letter": True, "permanent": permanent,
+                        "attempts": attempts, "correlation_id": job.correlation_id}))
 
     def release_all(self) -> int:
         with self.sessions.begin() as s:
@@ -240,9 +316,11 @@ class Dispatcher:
     def __init__(self, sessions: sessionmaker, channels: Mapping[str, Channel], cfg: WorkerSettings,
                  audit: AuditSink, owner: str | None = None) -> None:
         self.sessions, self.channels, self.cfg, self.audit = sessions, channels, cfg, audit
-        self.owner = owner or f"dispatch-{uuid.uuid4().hex[:12]}"
+        self.owner = owner or owner_id("dispatch")
+        self._reaper = DeadOwnerReaper(OutboxItem, cfg.lease_seconds)
 
     def run_once(self) -> int:
+        self._reaper.maybe_run(self.sessions)
         with self.sessions.begin() as s:
             # Only rows for channels this process can deliver: another process's rows stay unleased.
             items = claim(s, OutboxItem, (OutboxState.PENDING,), self.owner, self.cfg.lease_seconds,

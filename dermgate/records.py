@@ -47,6 +47,18 @@ class Outputs:
     sr_path: str
     sr_sop_instance_uid: str
     cam_png_path: str
+    source_frames: int = 1               # frames in the source; only the first is classified
+
+    @property
+    def note(self) -> str | None:
+        """What every output says about the classified frames (None for a single-frame source)."""
+        return self.note_for(self.source_frames)
+
+    @staticmethod
+    def note_for(frames: int) -> str | None:
+        if frames <= 1:
+            return None
+        return f"Only frame 1 of {frames} was classified; the other frames were not assessed."
 
 
 @dataclass(frozen=True)

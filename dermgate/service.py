@@ -2,7 +2,9 @@
 
 Graceful shutdown (SIGTERM): stop accepting associations first, let in-flight
 associations and stages finish, then release every lease this process still
-holds, so no job waits for a lease to expire.
+holds, so no job waits for a lease to expire. After a crash (kill -9), the next
+start removes the temporary files the dead process left in the store, and its
+workers release the dead process's leases (``queue.release_dead_owners``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Service:
         rt.audit.record(AuditEvent(event=EventType.APP_START, outcome=Outcome.SUCCESS, actor="dermgate",
                                    detail={"version": __version__, "roles": sorted(self.roles)}))
         self._audit_config_change()
+        self._clean_store()
         if "worker" in self.roles:
             _ = rt.classifier  # load + verify the model before taking work
             for i in range(self.n_workers):
@@ -75,6 +78,14 @@ class Service:
                                         action="U", detail={"sha256": digest, "previous_sha256": previous,
                                                             "settings": public}))
         marker.write_text(digest)
+
+    def _clean_store(self) -> None:
+        """Remove the temporary files dead processes left in the store (a kill -9 mid-write)."""
+        removed = self.rt.store.clean_orphans()
+        if removed:
+            log.warning("orphaned_temporary_files_removed", count=len(removed),
+                        files=[str(o.path.relative_to(self.rt.store.root)) for o in removed[:20]],
+                        why=sorted({o.why for o in removed})[:5])
 
     def _thread(self, name: str, step: Any) -> None:
         t = threading.Thread(target=run_loop, args=(step, self.stop_event, self.rt.settings.worker.poll_interval_s),

@@ -61,6 +61,7 @@ class DicomSettings(Section):
     network_timeout: float = 60.0
     max_pdu: int = 65536
     max_pixels: int = 40_000_000                      # refuse absurd dimensions
+    max_object_bytes: int = 256 * 1024 * 1024         # refuse larger objects while they arrive (0xC003)
     min_free_bytes: int = 512 * 1024 * 1024           # answer 0xA700 below this
     tls: TlsSettings = Field(default_factory=TlsSettings)
     destinations: list[Destination] = Field(default_factory=list)

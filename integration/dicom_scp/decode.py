@@ -19,25 +19,36 @@ Exceptions::
     DecodeError                  pixel data cannot become an RGB image
      +-- NoPixelData             (7FE0,0010) absent or empty
      +-- UnsupportedImage        dimensions/samples/bits/photometric out of bounds
-     +-- CorruptPixelData        the codec failed, the frame is truncated, or its size
-                                 differs from Rows/Columns
+     +-- CorruptPixelData        the codec failed, the frame is truncated, its size
+                                 differs from Rows/Columns, or it is not the codestream
+                                 its transfer syntax names
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.uid import UID
 
-from integration.dicom_scp.uids import JPEG_BASELINE, JPEG_EXTENDED
+from integration.dicom_scp.uids import (
+    JPEG_2000,
+    JPEG_2000_LOSSLESS,
+    JPEG_BASELINE,
+    JPEG_EXTENDED,
+    JPEG_LOSSLESS,
+    JPEG_LOSSLESS_SV1,
+    RLE_LOSSLESS,
+)
 
 RGBImage = npt.NDArray[np.uint8]
 
@@ -49,6 +60,16 @@ PALETTE: Final = "PALETTE COLOR"
 _FAST_JPEG_SYNTAXES: Final = frozenset({JPEG_BASELINE, JPEG_EXTENDED})
 _FAST_JPEG_PHOTOMETRIC: Final = frozenset({"YBR_FULL_422", "YBR_FULL"})
 _ADOBE_TRANSFORM_NONE: Final = 0   # APP14 transform 0: components are stored untransformed (RGB)
+# What the first bytes of a frame are for each encapsulated transfer syntax the SCP accepts.
+# (Pillow, one of pydicom's decoders, opens whatever it recognises: without this check a JPEG
+# Baseline stream labelled JPEG 2000 decodes, is stored, and no other reader can open it.)
+_STREAM_KIND: Final = {JPEG_BASELINE: "JPEG", JPEG_EXTENDED: "JPEG", JPEG_LOSSLESS: "JPEG",
+                       JPEG_LOSSLESS_SV1: "JPEG", JPEG_2000_LOSSLESS: "JPEG 2000", JPEG_2000: "JPEG 2000",
+                       RLE_LOSSLESS: "RLE"}
+_JPEG_SOI: Final = b"\xff\xd8"
+_J2K_SOC_SIZ: Final = b"\xff\x4f\xff\x51"                             # a J2K codestream
+_JP2_SIGNATURE: Final = b"\x00\x00\x00\x0cjP  \r\n\x87\n"              # a JP2 file (tolerated)
+_RLE_HEADER: Final = 64
 
 
 class DecodeError(Exception):
@@ -86,7 +107,7 @@ class ImageGeometry:
 
 def geometry(ds: Dataset) -> ImageGeometry:
     """Read the Image Pixel module; raise :class:`NoPixelData` or :class:`UnsupportedImage`."""
-    if "PixelData" not in ds or not ds.PixelData:
+    if not has_pixel_data(ds):
         raise NoPixelData("no pixel data")
     try:
         ts = ds.file_meta.TransferSyntaxUID
@@ -105,6 +126,42 @@ def geometry(ds: Dataset) -> ImageGeometry:
     except (AttributeError, TypeError, ValueError) as exc:
         raise UnsupportedImage(f"image pixel module incomplete: {exc}"[:120]) from exc
     return geo
+
+
+def has_pixel_data(ds: Dataset) -> bool:
+    """Pixel Data is present and not empty, found without reading a deferred value."""
+    if "PixelData" not in ds:
+        return False
+    elem = ds.get_item("PixelData")
+    if isinstance(elem, RawDataElement):
+        if elem.value is None:                          # deferred: still in the file
+            return elem.length != 0
+        return len(elem.value) > 0
+    return bool(elem.value)
+
+
+def stream_kind(frame: bytes) -> str | None:
+    """Which codestream ``frame`` starts as: "JPEG", "JPEG 2000", "RLE", or None."""
+    if frame.startswith(_JPEG_SOI):
+        return "JPEG"
+    if frame.startswith(_J2K_SOC_SIZ) or frame.startswith(_JP2_SIGNATURE):
+        return "JPEG 2000"
+    if len(frame) >= _RLE_HEADER:
+        segments, first = struct.unpack_from("<2I", frame)
+        if 1 <= segments <= 15 and first == _RLE_HEADER:
+            return "RLE"
+    return None
+
+
+def check_stream(ds: Dataset, geo: ImageGeometry) -> None:
+    """The first frame of encapsulated pixel data is the codestream its transfer syntax names."""
+    expected = _STREAM_KIND.get(geo.transfer_syntax)
+    if expected is None:
+        return
+    found = stream_kind(_first_frame(ds, geo))
+    if found != expected:
+        raise CorruptPixelData(f"pixel data is {'a ' + found + ' stream' if found else 'no known codestream'}, "
+                               f"the transfer syntax says {expected}")
 
 
 def check_image(geo: ImageGeometry, max_pixels: int) -> None:
@@ -135,6 +192,7 @@ def decode_rgb(ds: Dataset, *, max_pixels: int | None = None) -> RGBImage:
     geo = geometry(ds)
     if max_pixels is not None:
         check_image(geo, max_pixels)
+    check_stream(ds, geo)
     if _fast_jpeg(geo):
         rgb = _decode_jpeg_ybr(ds, geo)
         if rgb is not None:
@@ -149,7 +207,9 @@ def verify_decodable(ds: Dataset, geo: ImageGeometry) -> None:
     For 8-bit YBR JPEG the scan is entropy-decoded in full but reconstructed at
     1/8 scale (libjpeg DCT scaling): corrupt or truncated data fails exactly as
     in a full decode, at a quarter of the cost. Everything else is decoded in full.
+    First, the frame must be the codestream its transfer syntax names (:func:`check_stream`).
     """
+    check_stream(ds, geo)
     if _fast_jpeg(geo) and _decode_jpeg_ybr(ds, geo, reduce=8) is not None:
         return
     _decode_generic(ds, geo)

@@ -6,9 +6,13 @@ intervention event: an exception that escaped would make pynetdicom answer
 0xC211 or abort, so :func:`handle_store` catches everything and answers with a
 named status from :mod:`integration.dicom_scp.status` and an Error Comment.
 
-The received bytes are parsed once, from the same Part 10 stream that
-:class:`~dermgate.intake.Intake` stores and the pipeline worker reads back, so
-what is checked here is exactly what is later classified.
+The received object arrives as a file (:mod:`integration.dicom_scp.incoming`: written
+as its fragments come in, refused early when too large) and is parsed once, from the
+same Part 10 stream that :class:`~dermgate.intake.Intake` stores and the pipeline worker
+reads back, so what is checked here is exactly what is later classified. Every element is
+converted here, so an element pydicom cannot read (a corrupt value representation or
+length) is refused with 0xC005 now rather than failing the worker later; values too large
+to be worth holding (the pixel data) stay in the file until the decode check reads them.
 
 Exceptions (internal; each maps to one status)::
 
@@ -20,12 +24,14 @@ Exceptions (internal; each maps to one status)::
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
-from typing import Any, cast
+from pathlib import Path
+from typing import IO, Any, cast
 
 import structlog
 from pydicom import dcmread
@@ -42,16 +48,19 @@ from dermgate.intake import Intake, IntakeResult, IntakeStatus
 from dermgate.records import ImageRef
 from dermgate.settings import DicomSettings
 from dermgate.store import ObjectStore, StoreError
+from integration.dicom_scp import header
 from integration.dicom_scp import status as st
 from integration.dicom_scp.decode import (CorruptPixelData, DecodeError, NoPixelData, UnsupportedImage,
                                           check_image, geometry, verify_decodable)
+from integration.dicom_scp.incoming import IncomingFile
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
 ROLE_MODALITY = "modality"
-UID_MAX_LEN = 64                 # PS3.5 9.1
+UID_MAX_LEN = header.UID_MAX_LEN
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFER_BYTES = 1 << 20            # values larger than this stay in the file until read (the pixel data)
 
 
 def utcnow() -> datetime:
@@ -126,14 +135,19 @@ def handle_store(event: Event, intake: Intake, audit: AuditSink, cfg: DicomSetti
       Instance UID from the request's Affected SOP Instance UID.
     * ``0xC001`` Cannot understand: a required attribute is missing (Patient ID,
       Study/Series/SOP Instance UID) or a UID is malformed.
+      Patient ID not a valid single LO value (longer than 64 characters, control characters).
     * ``0xC002`` Cannot understand: no Pixel Data.
     * ``0xC003`` Cannot understand: image outside bounds (rows/columns <= 0,
       more than ``cfg.max_pixels`` pixels, samples not 1 or 3, bits not 8 (or
-      16 for MONOCHROME), unknown photometric interpretation).
+      16 for MONOCHROME), unknown photometric interpretation), or the object is
+      larger than ``cfg.max_object_bytes``. Both are decided while the object
+      arrives: the rest of it is read and dropped, never held.
     * ``0xC004`` Cannot understand: the pixel data does not decode (corrupt or
       truncated JPEG / J2K / RLE frame, native buffer too short, size differs
-      from Rows/Columns).
-    * ``0xC005`` Cannot understand: the data set itself is truncated or unparseable.
+      from Rows/Columns), or its first frame is not the codestream its transfer
+      syntax names (a JPEG Baseline stream labelled JPEG 2000).
+    * ``0xC005`` Cannot understand: the data set itself is truncated or unparseable,
+      or one of its elements cannot be read (a corrupt value representation or length).
     * ``0xC006`` Cannot understand: the SOP Instance UID was already received with
       different content; the first object is kept (see ``status.py``).
     * ``0xC000`` Cannot understand: any unexpected error (logged with its trace).
@@ -161,7 +175,7 @@ def _receive(event: Event, intake: Intake, cfg: DicomSettings, store: ObjectStor
     image: ImageRef | None = None
     details: dict[str, Any] = {}
     try:
-        encoded = event.encoded_dataset(include_meta=True)
+        encoded = received(event, details)
         ds = parse(encoded)
         image = image_ref(ds, calling_ae)
         check_sop(image, event)
@@ -192,7 +206,26 @@ def _decode_status(exc: DecodeError) -> int:
     return st.CANNOT_UNDERSTAND
 
 
-def _accept(intake: Intake, encoded: bytes, image: ImageRef, transfer_syntax: str) -> IntakeResult:
+def received(event: Event, details: dict[str, Any]) -> bytes | Path:
+    """The received object: the file it arrived in, or (receiving into memory) its bytes.
+
+    A refusal decided while the object arrived (too large, see ``incoming.py``) is raised here.
+    """
+    request = event.request
+    spool = getattr(request, "_dataset_file", None)
+    if isinstance(spool, IncomingFile):
+        details["bytes"] = spool.size
+        if spool.refusal is not None:
+            raise Refusal(*spool.refusal)
+        spool.flush()
+        return Path(spool.name)
+    path = getattr(request, "_dataset_path", None)
+    if isinstance(path, Path):               # pynetdicom's own temporary file
+        return path
+    return event.encoded_dataset(include_meta=True)
+
+
+def _accept(intake: Intake, encoded: bytes | Path, image: ImageRef, transfer_syntax: str) -> IntakeResult:
     try:
         return intake.accept(encoded, image, transfer_syntax)
     except StoreError as exc:
@@ -206,18 +239,26 @@ def _accept(intake: Intake, encoded: bytes, image: ImageRef, transfer_syntax: st
 
 # ---- checks --------------------------------------------------------------------------------------
 
-def parse(encoded: bytes) -> Dataset:
-    """Parse a Part 10 stream, refusing truncated ones (pydicom reads those silently)."""
-    fp = BytesIO(encoded)
+def parse(encoded: bytes | Path) -> Dataset:
+    """Parse a Part 10 stream (bytes, or the file it was received into), refusing truncated
+    ones (pydicom reads those silently) and ones with an element that cannot be read."""
+    if isinstance(encoded, Path):
+        with open(encoded, "rb") as fp:
+            return _parse(fp, os.fstat(fp.fileno()).st_size)
+    return _parse(BytesIO(encoded), len(encoded))
+
+
+def _parse(fp: IO[bytes], size: int) -> Dataset:
     try:
-        ds = dcmread(fp)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, RecursionError) as exc:
+        ds = dcmread(fp, defer_size=DEFER_BYTES)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, RecursionError,
+            NotImplementedError) as exc:
         # RecursionError: sequences nested beyond reason (a known parser bomb)
         raise Refusal(st.UNREADABLE_DATASET, f"data set cannot be parsed: {type(exc).__name__}") from exc
-    # pydicom stops at an undefined-length element with no delimiter (rewinding to
-    # its start) and keeps short values: both are truncations.
-    if fp.tell() != len(encoded):
-        raise Refusal(st.UNREADABLE_DATASET, "data set truncated (undefined-length element not closed)")
+    # pydicom stops at an undefined-length element with no delimiter (rewinding to its
+    # start), keeps short values, and seeks past the end for a deferred value: all truncations.
+    if fp.tell() != size:
+        raise Refusal(st.UNREADABLE_DATASET, "data set truncated (an element runs past the end)")
     last_end = 0
     for tag in ds.keys():
         raw = ds.get_item(tag)
@@ -226,9 +267,33 @@ def parse(encoded: bytes) -> Dataset:
         if isinstance(raw.value, bytes) and len(raw.value) < raw.length:
             raise Refusal(st.UNREADABLE_DATASET, f"data set truncated in element {raw.tag}")
         last_end = max(last_end, raw.value_tell + raw.length)
-    if last_end and last_end < len(encoded) and not _ends_with_undefined_length(ds):
+    if last_end and last_end < size and not _ends_with_undefined_length(ds):
         raise Refusal(st.UNREADABLE_DATASET, "data set truncated (trailing partial element)")
+    _convert_all(ds)
     return ds
+
+
+def _deferred(raw: Any) -> bool:
+    return isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, _UNDEFINED_LENGTH)
+
+
+def _convert_all(ds: Dataset) -> None:
+    """Convert every element (in sequences too) but the deferred ones: pydicom converts lazily,
+    so a corrupt value representation or length would otherwise surface at whatever first
+    reads it, here or in the worker. NotImplementedError: a VR pydicom does not know."""
+    for tag in list(ds.keys()):
+        try:
+            if _deferred(ds.get_item(tag)):
+                continue
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    _convert_all(item)
+        except Refusal:
+            raise
+        except Exception as exc:         # noqa: BLE001 - whatever pydicom raises for a bad element
+            raise Refusal(st.UNREADABLE_DATASET,
+                          f"element {tag} unreadable: {type(exc).__name__}") from exc
 
 
 def _ends_with_undefined_length(ds: Dataset) -> bool:
@@ -239,40 +304,41 @@ def _ends_with_undefined_length(ds: Dataset) -> bool:
     return not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def _present(ds: Dataset, keyword: str) -> bool:
     value = ds.get(keyword)
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
+    return value is not None and str(value).strip(" \x00") != ""
 
 
-def _required(ds: Dataset, keyword: str) -> str:
-    value = _text(ds, keyword)
+def _required(ds: Dataset, keyword: str, vr: str = "LO") -> str:
+    value = header.text(ds.get(keyword), vr)
     if value is None:
-        raise Refusal(st.MISSING_ATTRIBUTE, f"{keyword} missing")
+        raise Refusal(st.MISSING_ATTRIBUTE, f"{keyword} {'invalid' if _present(ds, keyword) else 'missing'}")
     return value
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = _required(ds, keyword)
-    if len(value) > UID_MAX_LEN or not all(part.isdigit() for part in value.split(".")):
-        raise Refusal(st.MISSING_ATTRIBUTE, f"{keyword} malformed")
+    value = header.uid(ds.get(keyword))
+    if value is None:
+        raise Refusal(st.MISSING_ATTRIBUTE, f"{keyword} {'malformed' if _present(ds, keyword) else 'missing'}")
     return value
 
 
 def _body_site(ds: Dataset) -> str | None:
     region = ds.get("AnatomicRegionSequence")
     if region:
-        meaning = _text(region[0], "CodeMeaning")
+        meaning = header.text(region[0].get("CodeMeaning"), "LO")
         if meaning:
-            return meaning[:64]
-    part = _text(ds, "BodyPartExamined")
-    return part[:64] if part else None
+            return meaning
+    return header.text(ds.get("BodyPartExamined"), "CS")
 
 
 def image_ref(ds: Dataset, calling_ae: str) -> ImageRef:
-    """The header fields the service keeps; refuses objects without the identifiers it needs."""
+    """The header fields the service keeps; refuses objects without the identifiers it needs.
+
+    The identifiers must be valid (UIDs, and the Patient ID: a report for a patient id that
+    is not one cannot be filed); the other fields are kept when valid and None otherwise
+    (``header.py``: carry what is valid, a date in its DICOM form, never invent).
+    """
     try:
         return ImageRef(
             sop_instance_uid=_uid(ds, "SOPInstanceUID"),
@@ -280,11 +346,11 @@ def image_ref(ds: Dataset, calling_ae: str) -> ImageRef:
             study_instance_uid=_uid(ds, "StudyInstanceUID"),
             series_instance_uid=_uid(ds, "SeriesInstanceUID"),
             patient_id=_required(ds, "PatientID"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            modality=_text(ds, "Modality"),
+            issuer_of_patient_id=header.text(ds.get("IssuerOfPatientID"), "LO"),
+            accession_number=header.text(ds.get("AccessionNumber"), "SH"),
+            study_date=header.date_value(ds.get("StudyDate")),
+            study_time=header.time_value(ds.get("StudyTime")),
+            modality=header.text(ds.get("Modality"), "CS"),
             body_site=_body_site(ds),
             calling_ae=calling_ae,
         )

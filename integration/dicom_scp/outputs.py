@@ -7,6 +7,11 @@ changes with the model. All UIDs derive from the source instance and the model's
 Device UID (2.25 UUID-derived UIDs), so a re-run writes the same instances and a
 PACS sees a re-send, not a duplicate.
 
+They are written for any object the SCP accepts: the patient and study attributes come from
+:func:`integration.dicom_scp.header.source_header`, which carries what is valid, fills the
+Type 2 attributes empty and invents nothing. Of a multi-frame source only the first frame is
+classified; the SC legend, the SC's derivation description and the SR say so.
+
 Errors::
 
     OutputError                 base; nothing is written when it is raised
@@ -39,6 +44,7 @@ from dermgate.durable import write_atomic
 from dermgate.records import Outputs
 from inference.result import CLASSES, DISCLAIMER, Prediction, Risk
 from integration.dicom_scp import uids
+from integration.dicom_scp.header import HeaderError, frame_count, source_header
 from integration.dicom_scp.render import encode_png, render_heatmap
 
 # General Equipment of the instances we create (the algorithm is Contributing Equipment).
@@ -51,7 +57,8 @@ SC_FILE = "sc.dcm"
 SR_FILE = "sr.dcm"
 PNG_FILE = "heatmap.png"
 
-# PS3.3 C.7.1.1 Patient, C.7.2.1 General Study, C.7.2.2 Patient Study: copied as they are.
+# PS3.3 C.7.1.1 Patient, C.7.2.1 General Study, C.7.2.2 Patient Study: copied from the
+# source header (valid values as they are; Type 2 ones present, empty when not valid).
 _PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
     "PatientBirthDate", "PatientSex", "OtherPatientIDsSequence",
@@ -64,7 +71,6 @@ _TYPE2_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
-_REQUIRED_SOURCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "dermgate.integration.dicom_scp.outputs")
 _UID_SEPARATOR = "\x1f"
 _LOSSY_TRANSFER_SYNTAXES = (uids.JPEG_BASELINE, uids.JPEG_EXTENDED, uids.JPEG_2000)
@@ -93,6 +99,7 @@ class WrittenOutputs:
     sr_path: Path
     png_path: Path
     png: bytes
+    source_frames: int = 1
 
     def to_record(self, store_root: Path) -> Outputs:
         """The core's record, with paths relative to the store root."""
@@ -102,6 +109,7 @@ class WrittenOutputs:
             sr_path=str(self.sr_path.relative_to(store_root)),
             sr_sop_instance_uid=str(self.sr.SOPInstanceUID),
             cam_png_path=str(self.png_path.relative_to(store_root)),
+            source_frames=self.source_frames,
         )
 
 
@@ -125,20 +133,22 @@ def write_outputs(
 ) -> WrittenOutputs:
     """Render, build, write and read back the SC, the SR and the heatmap PNG for one image.
 
-    ``out_dir`` is this image's own folder. ``image_rgb`` is the decoded source
-    (RGB); when omitted, the source's pixel data is decoded here.
+    ``out_dir`` is this image's own folder. ``image_rgb`` is the decoded source (RGB,
+    its first frame); when omitted, the source's pixel data is decoded here.
     """
-    _check_source(source)
+    header = _header(source)
     now = now or datetime.now(timezone.utc)
     rgb = image_rgb if image_rgb is not None else _decode_rgb(source)
-    rendered = render_heatmap(rgb, prediction)
+    frames = frame_count(header)
+    note = Outputs.note_for(frames)
+    rendered = render_heatmap(rgb, prediction, notes=[note] if note else [])
     out_dir.mkdir(parents=True, exist_ok=True)
-    sc = write_verified(build_secondary_capture(source, rendered, prediction, now=now), out_dir / SC_FILE)
-    sr = write_verified(build_ai_sr(source, prediction, sc, now=now), out_dir / SR_FILE)
+    sc = write_verified(build_secondary_capture(header, rendered, prediction, now=now), out_dir / SC_FILE)
+    sr = write_verified(build_ai_sr(header, prediction, sc, now=now), out_dir / SR_FILE)
     png = encode_png(rendered)
     write_atomic(out_dir / PNG_FILE, png)
     return WrittenOutputs(sc=sc, sr=sr, sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE,
-                          png_path=out_dir / PNG_FILE, png=png)
+                          png_path=out_dir / PNG_FILE, png=png, source_frames=frames)
 
 
 def build_secondary_capture(
@@ -150,7 +160,7 @@ def build_secondary_capture(
     now: datetime | None = None,
 ) -> Dataset:
     """The Grad-CAM picture as a Secondary Capture Image (PS3.3 A.8.1) in the source's study."""
-    _check_source(source)
+    source = _header(source)
     if rendered_rgb.ndim != 3 or rendered_rgb.shape[2] != 3 or rendered_rgb.dtype != np.uint8:
         raise OutputError(f"rendered image must be HxWx3 uint8, got {rendered_rgb.shape} {rendered_rgb.dtype}")
     now = now or datetime.now(timezone.utc)
@@ -175,9 +185,11 @@ def build_secondary_capture(
     ds.ContentDate = ds.DateOfSecondaryCapture
     ds.ContentTime = ds.TimeOfSecondaryCapture
     ds.ImageType = ["DERIVED", "SECONDARY"]
+    frames = frame_count(source)
     ds.DerivationDescription = (
-        f"Grad-CAM heatmap of {prediction.model.name} {prediction.model.version} over the source image, "
-        "with the AI result burned in as a legend"
+        f"Grad-CAM heatmap of {prediction.model.name} {prediction.model.version} over the source image"
+        + (f" (frame 1 of {frames}: only that frame was classified)" if frames > 1 else "")
+        + ", with the AI result burned in as a legend"
     )[:1024]
     ds.SourceImageSequence = [_source_image_item(source)]
     ds.BurnedInAnnotation = "YES"            # the legend is text in the pixels
@@ -193,13 +205,16 @@ def build_secondary_capture(
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(rendered_rgb).tobytes()
+    pixels = np.ascontiguousarray(rendered_rgb).tobytes()
+    # OB/OW values have an even length (PS3.5 7.1.1): an odd width x odd height pads one byte,
+    # as pydicom would on writing; padded here, the data set reads back as it was built.
+    ds.PixelData = pixels + b"\x00" if len(pixels) % 2 else pixels
     return ds
 
 
 def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: datetime | None = None) -> Dataset:
     """The AI result as a Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR)."""
-    _check_source(source)
+    source = _header(source)
     now = now or datetime.now(timezone.utc)
     model = prediction.model
     device_uid = model.device_uid
@@ -214,7 +229,7 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
         imaging_measurements=_measurement_groups(source, prediction),
         title=uids.IMAGING_MEASUREMENT_REPORT,
     )
-    report[0].ContentSequence.append(_qualitative_evaluations(prediction))
+    report[0].ContentSequence.append(_qualitative_evaluations(prediction, frame_count(source)))
     # The SC is evidence, not a source: it lists in the Current Requested Procedure
     # Evidence Sequence as an instance created for this procedure (PS3.3 C.17.2.3).
     sr = hd.sr.Comprehensive3DSR(
@@ -245,7 +260,7 @@ def write_verified(ds: Dataset, path: Path) -> Dataset:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if back.get(keyword) != ds.get(keyword):
             raise OutputVerificationError(f"{path.name}: {keyword} did not read back as written")
-    if "PixelData" in ds and len(back.PixelData) != len(ds.PixelData):
+    if "PixelData" in ds and len(back.PixelData) != len(ds.PixelData) + len(ds.PixelData) % 2:
         raise OutputVerificationError(f"{path.name}: pixel data did not read back as written")
     return back
 
@@ -339,6 +354,8 @@ def _source_image_item(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame_count(source) > 1:
+        item.ReferencedFrameNumber = 1                # the frame that was classified
     item.PurposeOfReferenceCodeSequence = [_code_item(uids.SOURCE_IMAGE_FOR_PROCESSING)]
     return item
 
@@ -357,10 +374,12 @@ def _copy_lossy_history(source: Dataset, ds: Dataset) -> None:
             setattr(ds, keyword, copy.deepcopy(source[keyword].value))
 
 
-def _check_source(source: Dataset) -> None:
-    missing = [k for k in _REQUIRED_SOURCE_KEYWORDS if not source.get(k)]
-    if missing:
-        raise SourceDatasetError(f"source dataset lacks {', '.join(missing)}")
+def _header(source: Dataset) -> Dataset:
+    """What the outputs may copy from ``source`` (see :func:`~integration.dicom_scp.header.source_header`)."""
+    try:
+        return source_header(source)
+    except HeaderError as exc:
+        raise SourceDatasetError(str(exc)) from exc
 
 
 def _decode_rgb(source: Dataset) -> npt.NDArray[np.uint8]:
@@ -386,7 +405,11 @@ def _measurement_groups(source: Dataset, prediction: Prediction) -> list[hd.sr.M
     model = prediction.model
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
                                               manufacturer=model.manufacturer)
-    source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+    try:                                     # only the first frame of a multi-frame source is classified
+        source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(
+            source, referenced_frame_numbers=[1] if frame_count(source) > 1 else None)
+    except TypeError:                        # frames in an IOD that has none (VL Photographic, SC): the
+        source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)   # instance, then
 
     def tracking(label: str) -> hd.sr.TrackingIdentifier:
         return hd.sr.TrackingIdentifier(
@@ -430,12 +453,16 @@ def _measurement_groups(source: Dataset, prediction: Prediction) -> list[hd.sr.M
     return groups
 
 
-def _qualitative_evaluations(prediction: Prediction) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12: the disclaimer (and why not assessable) as TEXT."""
+def _qualitative_evaluations(prediction: Prediction, frames: int = 1) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: the disclaimer (why not assessable, which frames were classified) as TEXT."""
     container = hd.sr.ContainerContentItem(name=uids.QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     items = [hd.sr.TextContentItem(name=uids.DISCLAIMER_TEXT, value=DISCLAIMER,
                                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)]
+    note = Outputs.note_for(frames)
+    if note:
+        items.append(hd.sr.TextContentItem(name=uids.CLASSIFIED_FRAMES, value=note,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if not prediction.assessable:
         items.append(hd.sr.TextContentItem(name=uids.NOT_ASSESSABLE_REASON,
                                            value=(prediction.reason or "unspecified")[:1024],

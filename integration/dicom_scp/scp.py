@@ -21,6 +21,7 @@ from audit.api import AuditSink
 from dermgate.intake import Intake
 from dermgate.settings import DicomSettings
 from dermgate.store import ObjectStore
+from integration.dicom_scp import incoming
 from integration.dicom_scp.handlers import handle_echo, handle_store, utcnow
 from integration.dicom_scp.policy import AssociationPolicy, handle_accepted, handle_rejected, handle_requested
 from integration.dicom_scp.tls import handle_conn_open, server_context
@@ -63,6 +64,9 @@ class DicomService:
         self.clock = clock
         self.policy = AssociationPolicy(cfg)
         self.ae = build_ae(cfg)
+        # Received data sets go to files in the store's incoming/ folder as they arrive (incoming.py).
+        setattr(self.ae, incoming.SPOOL_ATTR, incoming.SpoolSettings(
+            folder=store.root / incoming.INCOMING_DIR, max_bytes=cfg.max_object_bytes, max_pixels=cfg.max_pixels))
         self.servers: dict[str, ThreadedAssociationServer] = {}
 
     def handlers(self) -> list[tuple[Any, ...]]:
@@ -80,6 +84,7 @@ class DicomService:
     def start(self) -> None:
         """Listen on the plain port, and on the TLS port when TLS is enabled (non-blocking)."""
         ssl_context = server_context(self.cfg.tls) if self.cfg.tls.enabled else None   # fail before listening
+        incoming.install()
         self.servers["plain"] = self._serve(self.cfg.port, None)
         if ssl_context is not None:
             self.servers["tls"] = self._serve(self.cfg.tls.port, ssl_context)

@@ -93,6 +93,7 @@ UNCERTAINTY: Final = Code("UNCERTAINTY", LOCAL, "Normalized entropy of class pro
 LOW_CONFIDENCE: Final = Code("LOW-CONFIDENCE", LOCAL, "Low confidence result")
 NOT_ASSESSABLE_REASON: Final = Code("NA-REASON", LOCAL, "Reason not assessable")
 DISCLAIMER_TEXT: Final = Code("DISCLAIMER", LOCAL, "Decision support disclaimer")
+CLASSIFIED_FRAMES: Final = Code("FRAMES", LOCAL, "Frames classified")      # multi-frame sources
 
 # --- Findings for the seven HAM10000 classes ---------------------------------
 # SNOMED CT where a concept was verified against published sources (DICOM PS3.16

@@ -21,7 +21,7 @@ Outcome mapping (the dispatcher computes back-off from it):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -84,12 +84,13 @@ def effective_profile(settings: FhirSettings) -> Profile:
 
 
 def prepare_report_payload(image: ImageRef, prediction: Prediction, cam_png: bytes, settings: FhirSettings, *,
-                           issued: datetime, pdf: bytes | None = None) -> dict[str, Any]:
-    """The outbox payload for one image's report (JSON-serialisable; holds PHI: the patient id)."""
+                           issued: datetime, pdf: bytes | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The outbox payload for one image's report (JSON-serialisable; holds PHI: the patient id).
+    ``notes`` go into the conclusion and the PDF (e.g. only frame 1 of a multi-frame image classified)."""
     profile = effective_profile(settings)
-    pdf = pdf if pdf is not None else render_report_pdf(image, prediction, cam_png, issued=issued)
+    pdf = pdf if pdf is not None else render_report_pdf(image, prediction, cam_png, issued=issued, notes=notes)
     bundle = build_report_bundle(image, prediction, cam_png, pdf, PATIENT_PLACEHOLDER, profile, settings,
-                                 issued=issued)
+                                 issued=issued, notes=notes)
     return {"kind": KIND_REPORT, "version": PAYLOAD_VERSION, "business_key": report_business_key(image),
             "profile": profile.name.value, "results": profile.results.value,
             "image": image.to_json(), "bundle": bundle}

@@ -11,6 +11,7 @@ report's issue time, so the same inputs give the same bytes.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from datetime import datetime
 from io import BytesIO
 
@@ -27,8 +28,10 @@ MARGIN_MM = 18.0
 PAGE_W_MM = 210.0
 
 
-def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *, issued: datetime) -> bytes:
-    """The report as PDF bytes (deterministic for the same inputs)."""
+def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *, issued: datetime,
+                      notes: Sequence[str] = ()) -> bytes:
+    """The report as PDF bytes (deterministic for the same inputs). ``notes`` (e.g. that only
+    the first frame of a multi-frame source was classified) are printed below the findings."""
     pdf = FPDF(format="A4", unit="mm")
     pdf.set_compression(False)          # small anyway; plain text streams are easy to audit and test
     pdf.set_creation_date(issued)
@@ -50,7 +53,11 @@ def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *
 
     pdf.set_font("Courier", "", 9)
     for line in _findings_text(image, prediction, issued).splitlines():
-        pdf.cell(width, 4.6, line, new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(width, 4.6, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+    if notes:
+        pdf.set_font("Helvetica", "B", 9)
+        for note in notes:
+            pdf.cell(width, 4.6, _latin1(note), new_x="LMARGIN", new_y="NEXT")
     pdf.ln(4)
 
     top = pdf.get_y()
@@ -84,6 +91,12 @@ def _bars(pdf: FPDF, p: Prediction, *, x: float, y: float, w: float) -> None:
         pdf.rect(x, top + 3.8, max(0.3, (w - 14) * value / 100.0), 3.2, style="F")
         pdf.set_xy(x + w - 13, top + 3.6)
         pdf.cell(13, 3.5, f"{value:.1f}%", align="R")
+
+
+def _latin1(text: str) -> str:
+    """The PDF's core fonts have Latin-1 glyphs only: anything else (a body site in Japanese,
+    an accession number in Greek) prints as '?' rather than failing the report."""
+    return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def _findings_text(image: ImageRef, p: Prediction, issued: datetime) -> str:

@@ -18,6 +18,7 @@ import base64
 import copy
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from enum import Enum
@@ -257,6 +258,7 @@ class _Context:
     effective: str
     issued: str
     imaging_study_ref: str | None
+    notes: tuple[str, ...] = ()
 
 
 def _observation(ctx: _Context, kind: str, code: LocalCode, value: dict[str, Any],
@@ -312,11 +314,15 @@ def build_observations(ctx: _Context, ids: dict[str, str | None] | None = None) 
     return out
 
 
-def conclusion_text(prediction: Prediction) -> str:
-    """The human-readable conclusion; it always says that this is not a diagnosis."""
+def conclusion_text(prediction: Prediction, notes: Sequence[str] = ()) -> str:
+    """The human-readable conclusion; it always says that this is not a diagnosis. ``notes``
+    (e.g. that only the first frame of a multi-frame source was classified) come before the
+    disclaimer."""
     p = prediction
+    extra = "".join(f" {note}" for note in notes)
     if not p.assessable:
-        return f"{NOT_A_DIAGNOSIS} The image could not be assessed: {p.reason or 'unknown reason'}. {DISCLAIMER}"
+        return (f"{NOT_A_DIAGNOSIS} The image could not be assessed: {p.reason or 'unknown reason'}.{extra} "
+                f"{DISCLAIMER}")
     top = p.top_class
     parts = [NOT_A_DIAGNOSIS,
              f"Most likely class: {CLASS_NAMES[top]} ({100 * p.probabilities[top]:.1f}%).",
@@ -324,6 +330,7 @@ def conclusion_text(prediction: Prediction) -> str:
              ]
     if p.low_confidence:
         parts.append("Low confidence: interpret with particular care.")
+    parts.extend(notes)
     parts.append(DISCLAIMER)
     return " ".join(parts)
 
@@ -346,7 +353,7 @@ def _narrative(text: str) -> dict[str, Any]:
 def build_diagnostic_report(ctx: _Context, result_refs: list[str], cam_png: bytes, pdf: bytes,
                             contained: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     p = ctx.prediction
-    text = conclusion_text(p)
+    text = conclusion_text(p, ctx.notes)
     fields: dict[str, Any] = {
         "identifier": _report_identifiers(ctx.image, ctx.settings),
         "status": "preliminary",
@@ -393,7 +400,7 @@ def build_document_reference(ctx: _Context, related_refs: list[str], cam_png: by
         "subject": reference(ctx.patient_ref),
         "date": ctx.issued,
         "author": [performer(ctx.settings)],
-        "description": conclusion_text(ctx.prediction)[:1000],
+        "description": conclusion_text(ctx.prediction, ctx.notes)[:1000],
         "content": content,
         "context": context,
     })
@@ -413,7 +420,7 @@ def _entry(full_url: str, resource: dict[str, Any], if_none_exist: str) -> dict[
 
 def build_report_bundle(image: ImageRef, prediction: Prediction, cam_png: bytes, pdf: bytes, patient_ref: str,
                         profile: Profile, settings: FhirSettings, *, issued: datetime,
-                        imaging_study_ref: str | None = None) -> dict[str, Any]:
+                        imaging_study_ref: str | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
     """A transaction Bundle that creates, at most once each, the Device, the Observations and the
     report for one image. References inside the Bundle are urn:uuid fullUrls (stable across retries)."""
     sop = image.sop_instance_uid
@@ -431,7 +438,7 @@ def build_report_bundle(image: ImageRef, prediction: Prediction, cam_png: bytes,
 
     ctx = _Context(image=image, prediction=prediction, settings=settings, profile=profile, patient_ref=patient_ref,
                    device_ref=device_ref, effective=effective_value(image, settings, profile, issued),
-                   issued=fhir_instant(issued), imaging_study_ref=imaging_study_ref)
+                   issued=fhir_instant(issued), imaging_study_ref=imaging_study_ref, notes=tuple(notes))
 
     result_refs: list[str] = []
     if profile.results is ResultsMode.CONTAINED:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dermgate.db import Instance, Job, JobState, utcnow
 from dermgate.intake import Intake, IntakeStatus
-from dermgate.queue import backoff, claim, fenced_update
+from dermgate.queue import backoff, claim, fenced_update, owner_id, release_dead_owners
 from dermgate.records import ImageRef
 from dermgate.store import ObjectStore
 
@@ -96,6 +96,46 @@ def test_expired_lease_is_taken_over_and_the_old_owner_cannot_complete(sessions:
     with sessions.begin() as s:
         assert not fenced_update(s, Job, job.id, "dead-worker", state=JobState.DELIVERED)
         assert fenced_update(s, Job, job.id, "other", state=JobState.DELIVERED)
+
+
+def test_leases_of_dead_processes_of_this_host_are_released_and_no_others(sessions: sessionmaker,
+                                                                            store: ObjectStore) -> None:
+    """A restarted worker takes over at once what a process of its host that is gone held; a live
+    process's leases, another host's and unparseable owners wait for their leases to expire."""
+    import os
+    import subprocess
+    import sys
+
+    import dermgate.queue as queue
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = queue.host_tag()
+    owners = {
+        "gone": f"worker@{host}:{gone.pid}:abcdef01:00000001",
+        "same pid, earlier process": f"worker@{host}:{os.getpid()}:0badf00d:00000002",
+        "alive": f"worker@{host}:{alive.pid}:abcdef01:00000003",
+        "this process": owner_id("worker"),
+        "other host": f"worker@elsewhere-9:{gone.pid}:abcdef01:00000004",
+        "old format": "worker-0123456789ab",
+    }
+    try:
+        intake = Intake(store, sessions)
+        for i, owner in enumerate(owners.values()):
+            intake.accept(f"obj-{i}".encode(), image(f"4.{i}"), "1.2.840.10008.1.2.1")
+            with sessions.begin() as s:
+                (job,) = claim(s, Job, (JobState.RECEIVED,), owner, 120)
+        with sessions.begin() as s:
+            released = release_dead_owners(s, Job)
+        assert sorted(released) == sorted([owners["gone"], owners["same pid, earlier process"]])
+        with sessions() as s:
+            held = set(s.scalars(select(Job.lease_owner).where(Job.lease_owner.is_not(None))))
+        assert held == {owners[k] for k in ("alive", "this process", "other host", "old format")}
+        with sessions.begin() as s:       # the released jobs are claimable now, not in 120 s
+            assert len(claim(s, Job, (JobState.RECEIVED,), owner_id("worker"), 120, 10)) == 2
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:

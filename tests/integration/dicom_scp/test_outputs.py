@@ -256,3 +256,26 @@ def test_png_round_trips_losslessly() -> None:
     """encode_png is lossless RGB."""
     img = _photo()
     assert np.array_equal(_decode_png(encode_png(img)), img)
+
+
+def test_rendering_a_large_image_holds_a_few_bytes_per_pixel() -> None:
+    """A 4000 x 3000 photograph (12 Mpx, as modalities send) rendered with its heatmap: the blend
+    used to hold ~55 bytes of float32 temporaries per pixel (+630 MiB per image, times the
+    batch); in bands of rows the peak is the output and a few copies of it."""
+    from pathlib import Path
+    img = _photo(3000, 4000)
+    pred = dataclasses.replace(synthetic_prediction(3000, 4000), cam=gaussian_cam(224, 224))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")       # reset the peak RSS (VmHWM)
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+
+    def status(key: str) -> int:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    before = status("VmRSS:")
+    out = render_heatmap(img, pred)
+    growth = status("VmHWM:") - before
+    assert out.shape[1] == 4000 and out.shape[0] > 3000
+    assert growth < 20 * img.shape[0] * img.shape[1], f"peak grew {growth / 2**20:.0f} MiB for 12 Mpx"

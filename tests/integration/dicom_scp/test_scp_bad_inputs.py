@@ -71,6 +71,7 @@ class Bad:
     announced_class: str | None = None      # SOP class in the request, when not the data set's
     truncate: int = 0                       # bytes cut off the end of the encoded data set
     append: bytes = b""                     # raw bytes appended to the encoded data set
+    patch: Callable[[bytes], bytes] | None = None   # an edit of the encoded data set's bytes
 
 
 def _del(keyword: str) -> Callable[[Dataset], None]:
@@ -100,6 +101,20 @@ def _short_native(ds: Dataset) -> None:
     ds.PixelData = ds.PixelData[:-3000]
 
 
+def _vr_of_patient_id(vr: bytes) -> Callable[[bytes], bytes]:
+    """Replace the explicit VR of Patient ID (0010,0020) ``LO`` in the encoded bytes."""
+    def patch(data: bytes) -> bytes:
+        i = data.index(b"\x10\x00\x20\x00LO")
+        return data[: i + 4] + vr + data[i + 6:]
+    return patch
+
+
+def _labelled(transfer_syntax: str) -> Callable[[Dataset], None]:
+    def mutate(ds: Dataset) -> None:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return mutate
+
+
 BAD: dict[str, Bad] = {
     "missing_patient_id": Bad(_del("PatientID"), st.MISSING_ATTRIBUTE),
     "empty_patient_id": Bad(_set(PatientID=""), st.MISSING_ATTRIBUTE),
@@ -119,6 +134,15 @@ BAD: dict[str, Bad] = {
     "sequence_nesting_bomb": Bad(_native, st.UNREADABLE_DATASET, append=nested_sequences(5000)),
     "sop_class_mismatch": Bad(_set(SOPClassUID=uids.SECONDARY_CAPTURE_IMAGE_STORAGE),
                               st.DATASET_DOES_NOT_MATCH_SOP_CLASS, announced_class=uids.VL_PHOTOGRAPHIC_IMAGE_STORAGE),
+    # Issue 16: decided at intake instead of Success and a failure later (or 0xC000).
+    "unknown_value_representation": Bad(lambda ds: None, st.UNREADABLE_DATASET, patch=_vr_of_patient_id(b"ZZ")),
+    "value_length_not_a_multiple_of_its_vr": Bad(lambda ds: None, st.UNREADABLE_DATASET,
+                                                 patch=_vr_of_patient_id(b"FD")),
+    "jpeg_baseline_labelled_jpeg_2000": Bad(_labelled(uids.JPEG_2000), st.UNDECODABLE_PIXEL_DATA),
+    "jpeg_baseline_labelled_jpeg_2000_lossless": Bad(_labelled(uids.JPEG_2000_LOSSLESS), st.UNDECODABLE_PIXEL_DATA),
+    "jpeg_baseline_labelled_rle": Bad(_labelled(uids.RLE_LOSSLESS), st.UNDECODABLE_PIXEL_DATA),
+    "patient_id_longer_than_lo": Bad(_set(PatientID="7" * 65), st.MISSING_ATTRIBUTE),
+    "patient_id_with_control_characters": Bad(_set(PatientID="DG\x07\x08-1"), st.MISSING_ATTRIBUTE),
 }
 
 
@@ -135,6 +159,8 @@ def send_bad(scp: Harness, source: Path, bad: Bad) -> tuple[str, StoreAnswer]:
     elif bad.truncate < 0:
         encoded = encoded[:300]                             # inside the header elements
     encoded += bad.append
+    if bad.patch is not None:
+        encoded = bad.patch(encoded)
     sop_class = bad.announced_class or str(dcmread(source).SOPClassUID)
     answer = send_raw(scp.port, sop_class=sop_class, sop_instance=sop,
                       transfer_syntax=str(ds.file_meta.TransferSyntaxUID), dataset_bytes=encoded)
