@@ -216,6 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     if init_from and not (args.out / "last.pt").exists():
         model.load_state_dict(torch.load(init_from, weights_only=False)["model"])
         print(f"warm start from {init_from}", flush=True)
+    init_onnx = mc.get("init_from_onnx")
+    if init_onnx and not (args.out / "last.pt").exists():
+        # A shipped model whose checkpoints are gone: its ONNX graph, BatchNorm folded
+        # (models/from_onnx.py); train with freeze_bn so the folding holds.
+        from models.from_onnx import members_from_onnx
+        members = members_from_onnx(init_onnx, mc["arch"], int(mc.get("init_members", 1)), mc["dropout"],
+                                    int(mc.get("init_input_size", size)))
+        model = members[int(mc.get("init_member", 0))]
+        print(f"warm start from {init_onnx} member {mc.get('init_member', 0)}", flush=True)
+    freeze_bn = bool(tc.get("freeze_bn", False))
     # Freezing the stem and first blocks (generic edges and textures) halves the
     # backward cost at full resolution, which is what lets this finish on 2 CPU cores.
     for mod in [model._conv_stem, model._bn0, *model._blocks[: mc.get("freeze_blocks", 0)]]:
@@ -251,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
 
     for epoch in range(start_epoch, epochs):
         model.train()
+        if freeze_bn:  # running statistics stay those of the warm start (see init_from_onnx)
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         order = rng.permutation(len(train_imgs))
         t_ep, seen, loss_sum = time.time(), 0, 0.0
         for step in range(steps_per_epoch):
