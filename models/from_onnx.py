@@ -67,7 +67,8 @@ def members_from_onnx(onnx_path: Path | str, arch: str, n_members: int, dropout:
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)
         # The stacked head holds each member's weights divided by the member count; its
-        # bias is the members' mean bias, which each member takes whole.
+        # bias is the members' mean bias, which each member takes whole: a member's logits
+        # are then its original ones shifted by a constant per class (the mean is exact).
         fw, fb = init[FC_WEIGHT], init[FC_BIAS]
         k = fw.shape[1] // n_members
         for i, m in enumerate(members):
