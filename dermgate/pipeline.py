@@ -97,7 +97,7 @@ class Loaded:
     job_id: int
     correlation_id: str
     image: ImageRef
-    source: Any                      # the parsed object, as the decoder read it
+    dataset: Any                     # the parsed object, as the decoder read it (opaque to the core)
     rgb: np.ndarray | None = None
 
 
@@ -110,7 +110,7 @@ def load(store: ObjectStore, inst: Instance, job: Job, decoder: Decoder) -> Load
 
 def classify(loaded: list[Loaded], classifier: Classifier, decoder: Decoder) -> list[Prediction]:
     """Stage 2: decode pixels to RGB and run the model on the batch."""
-    images = [decoder.rgb(item.source) for item in loaded]
+    images = [decoder.rgb(item.dataset) for item in loaded]
     for item, rgb in zip(loaded, images):
         item.rgb = rgb
     return classifier.predict(images)
@@ -125,7 +125,7 @@ def render(store: ObjectStore, item: Loaded, prediction: Prediction, renderer: R
 
     Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
     """
-    return renderer.render(item.source, prediction, store.path(derived_dir(item.image)), item.rgb)
+    return renderer.render(item.dataset, prediction, store.path(derived_dir(item.image)), item.rgb)
 
 
 # ---- the worker: composes the stages under a lease ---------------------------------------------
