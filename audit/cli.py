@@ -36,9 +36,6 @@ from audit.trail import DEFAULT_CHECKPOINT_EVERY, AuditTrail, RecordListener, op
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_ERROR = 2
-COMMANDS = ("verify", "repair", "search", "export", "disclosures", "rotate-key", "init-keys")
-
-
 # --- argument parsing ---------------------------------------------------------------------------
 
 def _parse_time(text: str, *, end_of_day: bool = False) -> datetime:

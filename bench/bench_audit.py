@@ -36,10 +36,10 @@ from pynetdicom import AE, evt
 from audit.api import AuditEvent, EventType, Outcome
 from audit.keys import Keyring, Signer
 from audit.trail import AuditTrail
+from tests.peers.dcmtk import STORESCU   # dcmtk's storescu, even where pynetdicom's is first on PATH
 
 VL_PHOTOGRAPHIC = UID("1.2.840.10008.5.1.4.1.1.77.1.4")
 STATUS_SUCCESS = 0x0000
-STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
 
 
 def _event(i: int) -> AuditEvent:

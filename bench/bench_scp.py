@@ -35,6 +35,7 @@ from dermgate.intake import Intake  # noqa: E402
 from dermgate.settings import AllowedCaller, DicomSettings, Settings  # noqa: E402
 from dermgate.store import ObjectStore  # noqa: E402
 from integration.dicom_scp.scp import DicomService  # noqa: E402
+from tests.peers.dcmtk import IMG2DCM, STORESCP, STORESCU  # noqa: E402  (dcmtk's, not pynetdicom's)
 
 SIZE = (600, 450)                       # width x height, as the issue's target
 CALLING, CALLED = "BENCHSCU", "DERMGATE"
@@ -119,7 +120,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
         img = cv2.resize(source, SIZE, interpolation=cv2.INTER_CUBIC)
         jpg = folder / "tmp.jpg"
         cv2.imwrite(str(jpg), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        subprocess.run(["img2dcm", "-vlp", "-k", f"PatientID=BENCH{i:05d}", "-k", "StudyID=1",
+        subprocess.run([IMG2DCM, "-vlp", "-k", f"PatientID=BENCH{i:05d}", "-k", "StudyID=1",
                         str(jpg), str(out)], check=True, capture_output=True)
     return files
 
@@ -127,7 +128,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
 def send(port: int, files: list[Path]) -> float:
     """Seconds for one storescu -xy association carrying ``files``."""
     t0 = time.perf_counter()
-    res = subprocess.run(["storescu", "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
+    res = subprocess.run([STORESCU, "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
                           *map(str, files)], capture_output=True, text=True, env=ENV)
     elapsed = time.perf_counter() - t0
     if res.returncode != 0:
@@ -172,7 +173,7 @@ def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int,
 def dcmtk_storescp(outdir: Path) -> Iterator[int]:
     outdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen(["storescp", "+xa", "-aet", CALLED, "-od", str(outdir), str(port)],
+    proc = subprocess.Popen([STORESCP, "+xa", "-aet", CALLED, "-od", str(outdir), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         _wait_port(port)

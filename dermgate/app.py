@@ -25,18 +25,52 @@ from dermgate.store import ObjectStore
 log = structlog.get_logger("dermgate.app")
 
 
+# What a work dir holds once dermgate has used it (any one of them is enough).
+STATE_MARKERS = ("dermgate.toml", "dermgate.db", "store", "audit-trail", "keys")
+
+
+class WorkdirError(Exception):
+    """The work dir holds no dermgate state, or its database is not at this release's schema."""
+
+
+def has_state(settings: Settings) -> bool:
+    """Whether the work dir already holds dermgate state (a mistyped --workdir holds none)."""
+    wd = settings.workdir
+    return any((wd / name).exists() for name in STATE_MARKERS)
+
+
 class Runtime:
-    """The parts of a running dermgate, built lazily from settings."""
+    """The parts of a running dermgate, built lazily from settings.
+
+    ``create=True`` (serve, demo, migrate, tests) makes the work dir and migrates the database.
+    ``create=False`` (every other command) refuses a work dir without dermgate state and a
+    database that is not at this release's schema, and changes neither.
+    """
 
     def __init__(self, settings: Settings, *, create: bool = True) -> None:
         self.settings = settings
-        settings.workdir.mkdir(parents=True, exist_ok=True)
+        if create:
+            settings.workdir.mkdir(parents=True, exist_ok=True)
+        elif not has_state(settings):
+            raise WorkdirError(f"{settings.workdir} holds no dermgate state (none of {', '.join(STATE_MARKERS)}): "
+                               "check --workdir or $DERMGATE_WORKDIR; 'dermgate migrate', 'dermgate serve' "
+                               "and 'dermgate demo' create one")
         self.db: DbEngine = make_engine(settings.db_url)
         if create:
             from dermgate.migrate import upgrade
             upgrade(settings.db_url)   # safe from many processes at once (advisory lock / BEGIN IMMEDIATE)
+        else:
+            self._require_schema()
         self.sessions: sessionmaker = make_sessionmaker(self.db)
         self.store = ObjectStore(settings.store_dir)
+
+    def _require_schema(self) -> None:
+        from dermgate.migrate import current, head
+        at, want = current(self.settings.db_url), head()
+        if at != want:
+            self.db.dispose()
+            raise WorkdirError(f"the database is at schema {at or 'none'}, this release needs {want}: "
+                               "run 'dermgate migrate' first")
 
     @cached_property
     def audit(self) -> AuditSink:
@@ -56,19 +90,27 @@ class Runtime:
     @cached_property
     def channels(self) -> dict[str, Channel]:
         from dermgate.channels import build_channels
-        return build_channels(self)
+        return build_channels(self.settings, self.audit)
 
     @cached_property
     def planners(self) -> list[Planner]:
         from dermgate.channels import build_planners
-        return build_planners(self)
+        return build_planners(self.settings)
 
     def worker(self, owner: str | None = None) -> Worker:
+        from integration.dicom_scp.stages import DicomDecoder, DicomRenderer
         return Worker(self.sessions, self.store, self.classifier, self.audit, self.planners,
-                      self.settings.worker, owner=owner)
+                      self.settings.worker, decoder=DicomDecoder(), renderer=DicomRenderer(self.store.root),
+                      owner=owner)
 
     def dispatcher(self, owner: str | None = None) -> Dispatcher:
+        """One dispatcher for every channel (tests, tools); the service runs ``dispatchers()``."""
         return Dispatcher(self.sessions, self.channels, self.settings.worker, self.audit, owner=owner)
+
+    def dispatchers(self) -> list[Dispatcher]:
+        """One dispatcher per channel, each for its own thread: a hung EHR cannot stall the PACS."""
+        return [Dispatcher(self.sessions, {name: ch}, self.settings.worker, self.audit)
+                for name, ch in self.channels.items()]
 
     def intake(self) -> Any:
         from dermgate.intake import Intake

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from audit.api import AuditSink
 from dermgate.records import Channel, ImageRef, Outputs
 from dermgate.store import ObjectStore
 from inference.result import Prediction
 
 if TYPE_CHECKING:
-    from dermgate.app import Runtime
+    from dermgate.settings import Settings
 
 
 @dataclass
@@ -28,9 +29,8 @@ class DicomForwardPlanner:
         return {"files": [outputs.sc_path, outputs.sr_path], "study_instance_uid": image.study_instance_uid}
 
 
-def build_channels(rt: Runtime) -> dict[str, Channel]:
+def build_channels(s: Settings, audit: AuditSink) -> dict[str, Channel]:
     from integration.dicom_scp.forward import DicomForwardChannel, client_tls_context
-    s = rt.settings
     channels: dict[str, Channel] = {}
     for d in s.dicom.destinations:
         tls = None
@@ -40,15 +40,15 @@ def build_channels(rt: Runtime) -> dict[str, Channel]:
                 raise ValueError(f"destination {d.name} uses TLS: set dicom.tls.ca_file to verify the PACS")
             tls = client_tls_context(t.ca_file, t.cert_file, t.key_file)
         ch = DicomForwardChannel(d.name, d.ae_title, d.host, d.port, calling_ae_title=s.dicom.ae_title,
-                                 tls=tls, base_dir=s.store_dir, audit=rt.audit)
+                                 tls=tls, base_dir=s.store_dir, audit=audit)
         channels[ch.name] = ch
-    channels.update(_fhir_channels(rt))
+    channels.update(_fhir_channels(s, audit))
     return channels
 
 
-def build_planners(rt: Runtime) -> list[Any]:
-    planners: list[Any] = [DicomForwardPlanner(f"dicom:{d.name}") for d in rt.settings.dicom.destinations]
-    planners.extend(_fhir_planners(rt))
+def build_planners(s: Settings) -> list[Any]:
+    planners: list[Any] = [DicomForwardPlanner(f"dicom:{d.name}") for d in s.dicom.destinations]
+    planners.extend(_fhir_planners(s))
     return planners
 
 
@@ -95,50 +95,55 @@ class BundleDirectoryChannel:
         return DeliveryOutcome(ok=True, remote_ref=f"file:{key}.json")
 
 
-def _fhir_settings(rt: Runtime) -> Any:
+def _fhir_settings(s: Settings) -> Any:
     from integration.fhir.settings import FhirSettings
-    return rt.settings.fhir or FhirSettings()
+    return s.fhir or FhirSettings()
 
 
-def _fhir_channels(rt: Runtime) -> dict[str, Channel]:
+def _fhir_channels(s: Settings, audit: AuditSink) -> dict[str, Channel]:
     out: dict[str, Channel] = {}
-    fhir = rt.settings.fhir
+    fhir = s.fhir
     if fhir is not None and fhir.base_url:
         from integration.fhir.channel import FhirChannel
-        out["fhir"] = FhirChannel.from_settings(fhir, rt.audit)
-    if rt.settings.fhir_bundle_dir is not None:
-        out[FHIR_FILE_CHANNEL] = BundleDirectoryChannel(rt.settings.fhir_bundle_dir)
+        out["fhir"] = FhirChannel.from_settings(fhir, audit)
+    if s.fhir_bundle_dir is not None:
+        out[FHIR_FILE_CHANNEL] = BundleDirectoryChannel(s.fhir_bundle_dir)
     return out
 
 
-def _fhir_planners(rt: Runtime) -> list[Any]:
-    fhir = rt.settings.fhir
+def _fhir_planners(s: Settings) -> list[Any]:
+    fhir = s.fhir
     planners: list[Any] = []
     if fhir is not None and fhir.base_url:
         planners.append(FhirPlanner("fhir", fhir))
-    if rt.settings.fhir_bundle_dir is not None:
-        planners.append(FhirPlanner(FHIR_FILE_CHANNEL, _fhir_settings(rt)))
+    if s.fhir_bundle_dir is not None:
+        planners.append(FhirPlanner(FHIR_FILE_CHANNEL, _fhir_settings(s)))
     return planners
 
 
-def public_jwks(rt: Runtime) -> dict[str, Any]:
-    """The JWK Set of our SMART client key (public parts only), served for the EHR."""
-    fhir = rt.settings.fhir
+def public_jwks(s: Settings) -> dict[str, Any] | None:
+    """The JWK Set of our SMART client key (public parts only), served for the EHR; None where this
+    process has no key (SCP pods do not get the FHIR key: only the dispatcher's pods do)."""
+    fhir = s.fhir
     if fhir is None or fhir.private_key_file is None:
         return {"keys": []}
+    if not fhir.private_key_file.exists():
+        return None
     from integration.fhir.auth import jwks, load_private_key
     return jwks([load_private_key(fhir.private_key_file, fhir.alg)])
 
 
-def fhir_token_obtainable(rt: Runtime) -> bool:
-    """Readiness: can we get an access token from the EHR's token endpoint right now?"""
+def fhir_token_ready(s: Settings, channels: dict[str, Channel]) -> bool:
+    """Readiness of a dispatcher: does it hold an access token for the EHR? The cached token
+    counts (no request); only when there is none is one fetched, and then cached for deliveries."""
     from integration.fhir.auth import SmartBackendAuth
-    fhir = rt.settings.fhir
-    ch = rt.channels.get("fhir")
+    ch = channels.get("fhir")
     auth = getattr(getattr(getattr(ch, "client", None), "http", None), "auth", None)
-    if fhir is None or not isinstance(auth, SmartBackendAuth):
+    if s.fhir is None or not isinstance(auth, SmartBackendAuth):
+        return True
+    if auth.has_token():
         return True
     from integration.fhir.client import build_http_client
-    with build_http_client(fhir) as http:
+    with build_http_client(s.fhir) as http:
         auth.fetch_token(http)
     return True

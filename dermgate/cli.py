@@ -12,7 +12,9 @@
     dermgate api-token    issue, list or revoke HTTP API bearer tokens
 
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
-else the current directory.
+else the current directory. Only ``serve``, ``demo`` and ``migrate`` may create one (and
+migrate its database); every other command refuses a work dir that holds no dermgate
+state, so a mistyped ``--workdir`` creates nothing, and never migrates.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from dermgate import __version__
+from dermgate.tables import table as _table
+
+# Commands that may make a new work dir and migrate its database.
+CREATES_WORKDIR = frozenset({"serve", "demo", "migrate"})
+# Commands that read nothing from the work dir (``config`` shows what the settings would be).
+NO_WORKDIR_STATE = frozenset({"config"})
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings import is deferred for start-up time
@@ -33,9 +41,15 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - Settings import is de
 
     from dermgate.app import workdir_from
     from dermgate.settings import Settings
+    from dermgate.app import WorkdirError, has_state
     wd = workdir_from(getattr(args, "workdir", None))
     os.environ.setdefault("DERMGATE_WORKDIR", str(wd))
-    return Settings(workdir=wd)
+    settings = Settings(workdir=wd)
+    command = getattr(args, "command", None)
+    if command not in CREATES_WORKDIR | NO_WORKDIR_STATE and not has_state(settings):
+        raise WorkdirError(f"{wd} holds no dermgate state: check --workdir or $DERMGATE_WORKDIR "
+                           f"('dermgate {' / '.join(sorted(CREATES_WORKDIR))}' create a work dir)")
+    return settings
 
 
 def _logged_settings(args: argparse.Namespace):  # noqa: ANN202
@@ -48,7 +62,7 @@ def _logged_settings(args: argparse.Namespace):  # noqa: ANN202
 
 def _runtime(args: argparse.Namespace):  # noqa: ANN202
     from dermgate.app import Runtime
-    return Runtime(_logged_settings(args))
+    return Runtime(_logged_settings(args), create=args.command in CREATES_WORKDIR)
 
 
 # ---- serve ------------------------------------------------------------------------------------
@@ -74,15 +88,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---- jobs / outbox ----------------------------------------------------------------------------
-
-def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [[str(c) if c is not None else "" for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(out)
-
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from sqlalchemy import select
@@ -194,6 +199,7 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from dermgate.migrate import upgrade
     settings = _settings(args)
+    settings.workdir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     print("database schema is at head")
     return 0
@@ -360,8 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dermgate.app import WorkdirError
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except WorkdirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

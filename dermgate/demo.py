@@ -183,9 +183,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       res.get("top_class", "-"), f"{100 * res.get('malignancy_probability', 0):.1f}%",
                       res.get("risk", "-"), "yes" if res.get("low_confidence") else "no",
                       job.state.value, f"{took:.2f}s"))
-    from dermgate.cli import _table
+    from dermgate.tables import table as text_table
     print()
-    print(_table(table, ["image", "truth", "AI top class", "p(malignant)", "risk", "low conf.", "state", "time"]))
+    print(text_table(table, ["image", "truth", "AI top class", "p(malignant)", "risk", "low conf.", "state", "time"]))
     print("\nAI results are decision support for clinicians, not a diagnosis.")
     print(f"\n  received objects : {settings.store_dir / 'objects'}")
     print(f"  SC + SR + heatmap: {settings.store_dir / 'derived'}")

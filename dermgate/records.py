@@ -61,7 +61,10 @@ class DeliveryOutcome:
 
 class Channel(Protocol):
     """A delivery channel (DICOM forward, FHIR). ``deliver`` must be idempotent:
-    the outbox delivers at least once, the channel makes it exactly once."""
+    the outbox delivers at least once, the channel makes it exactly once.
+
+    A channel that talks to a peer also offers ``max_delivery_s``: the longest one
+    ``deliver`` can take by its timeouts, from which the outbox derives its lease."""
     name: str
 
     def deliver(self, payload: dict[str, Any]) -> DeliveryOutcome: ...

@@ -46,9 +46,9 @@ class Service:
                 self.loops.append(w)
                 self._thread(f"worker-{i}", w.run_once)
         if "dispatcher" in self.roles:
-            d = rt.dispatcher()
-            self.loops.append(d)
-            self._thread("dispatcher", d.run_once)
+            for d in rt.dispatchers():
+                self.loops.append(d)
+                self._thread(f"dispatcher-{next(iter(d.channels))}", d.run_once)
         if "api" in self.roles:
             self._start_api()
         if "scp" in self.roles:
@@ -86,7 +86,7 @@ class Service:
         import uvicorn
 
         from dermgate.api.main import create_app
-        app = create_app(self.rt, check_model="worker" in self.roles)
+        app = create_app(self.rt, check_model="worker" in self.roles, check_ehr="dispatcher" in self.roles)
         api = self.rt.settings.api
         tls: dict[str, Any] = {}
         if api.tls_cert_file and api.tls_key_file:

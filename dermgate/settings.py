@@ -5,6 +5,13 @@ with ``__``, e.g. ``DERMGATE_DICOM__AE_TITLE``), the TOML file named by
 ``DERMGATE_CONFIG`` or ``<workdir>/dermgate.toml``, then these defaults. The
 defaults are embedded (SQLite + a folder store under the work dir) so nothing
 must be set up by hand. Secrets are never values here: only paths to key files.
+
+This is the one module that composes the sections: the core's own (worker, model,
+audit, api, DICOM) are defined here, a protocol package's section is defined by that
+package (``integration/fhir/settings.py``) and only composed here. The core modules
+(pipeline, queue, intake, store, db) import nothing from protocol packages, and
+protocol packages take their section from their own package, never from this module
+(tests/test_architecture.py checks both).
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class DicomSettings(Section):
 class WorkerSettings(Section):
     lease_seconds: float = 120.0
     max_attempts: int = 5
+    delivery_max_attempts: int = 20                   # tries before a delivery becomes `dead` (outages outlast a bad job)
     backoff_base_s: float = 2.0
     backoff_max_s: float = 600.0
     poll_interval_s: float = 0.2
@@ -88,7 +96,7 @@ class ModelSettings(Section):
 
 
 class AuditSettings(Section):
-    directory: Path | None = None                     # default <workdir>/audit
+    directory: Path | None = None                     # default <workdir>/audit-trail
     key_file: Path | None = None                      # default <workdir>/keys/audit.key (demo)
     signing_key_file: Path | None = None
     checkpoint_every: int = 100

@@ -4,7 +4,7 @@
         [--ckpt models/checkpoints/ft/best.pt ...] [--out models]
 
 1. Load the checkpoint(s) (the config's ``[export] checkpoints``, else ``--ckpt``;
-   only each ``model`` state dict is used) into ``models.train.build_model``;
+   only each ``model`` state dict is used) into ``models.arch.build_model``;
    several become one ``MeanEnsemble``.
 2. Export ONNX (opset 17, one file, dynamic batch) with two outputs: ``logits``
    (N, 7) and ``features``, the last conv feature map (N, 1280, h, w) that
@@ -116,7 +116,7 @@ class MeanEnsemble(nn.Module):
 
 def load_model(cfg: dict, ckpts: Sequence[Path]) -> nn.Module:
     """One checkpoint, or a ``MeanEnsemble`` of several."""
-    from models.train import build_model
+    from models.arch import build_model
     members = []
     for ckpt in ckpts:
         net = build_model(cfg["model"]["arch"], cfg["model"]["dropout"])

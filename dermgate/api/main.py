@@ -33,9 +33,11 @@ class ReviewIn(BaseModel):
     comment: str | None = None
 
 
-def readiness(rt: Runtime, check_model: bool = True) -> dict[str, dict[str, Any]]:
+def readiness(rt: Runtime, check_model: bool = True, check_ehr: bool = False) -> dict[str, dict[str, Any]]:
     """Each check: ok + detail. Ready only when all are ok. The model is checked only
-    where this process classifies (worker role): an SCP-only pod needs no model."""
+    where this process classifies (worker role): an SCP-only pod needs no model. The EHR is
+    checked only where this process delivers to it (dispatcher role), with the token it
+    already holds: an EHR outage must never turn the SCPs NotReady and stop DICOM intake."""
     checks: dict[str, dict[str, Any]] = {}
     try:
         with rt.db.connect() as c:
@@ -57,16 +59,16 @@ def readiness(rt: Runtime, check_model: bool = True) -> dict[str, dict[str, Any]
         checks["store"] = {"ok": free >= rt.settings.dicom.min_free_bytes, "free_bytes": free}
     except OSError as exc:
         checks["store"] = {"ok": False, "detail": exc.strerror}
-    if rt.settings.fhir is not None and rt.settings.fhir.token_url:
+    if check_ehr and rt.settings.fhir is not None and rt.settings.fhir.token_url:
         try:
-            from dermgate.channels import fhir_token_obtainable
-            checks["fhir_token"] = {"ok": fhir_token_obtainable(rt)}
+            from dermgate.channels import fhir_token_ready
+            checks["fhir_token"] = {"ok": fhir_token_ready(rt.settings, rt.channels)}
         except Exception as exc:  # noqa: BLE001
             checks["fhir_token"] = {"ok": False, "detail": type(exc).__name__}
     return checks
 
 
-def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
+def create_app(rt: Runtime, *, check_model: bool = True, check_ehr: bool = False) -> FastAPI:
     app = FastAPI(title="dermgate", version=__version__,
                   description="Dermoscopy AI decision support: results, review, health. " + DISCLAIMER)
     app.state.runtime = rt
@@ -77,7 +79,7 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     def readyz(rt: RuntimeDep) -> JSONResponse:
-        checks = readiness(rt, check_model)
+        checks = readiness(rt, check_model, check_ehr)
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks},
                             status_code=status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE)
@@ -100,7 +102,11 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
     def jwks(rt: RuntimeDep) -> dict[str, Any]:
         """Public keys for the EHR to verify our SMART client assertions (Epic asks for a JWK Set URL)."""
         from dermgate.channels import public_jwks
-        return public_jwks(rt)
+        keys = public_jwks(rt.settings)
+        if keys is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "the FHIR client key is not on this process: "
+                                                           "its JWK Set is served where the dispatcher runs")
+        return keys
 
     def _audit_read(rt: Runtime, user: User, request: Request, inst: Instance | None, what: str) -> None:
         rt.audit.record(AuditEvent(

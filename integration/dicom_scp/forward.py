@@ -59,6 +59,8 @@ AUDIT_ACTION_READ = "R"
 UNCOMPRESSED = [uids.EXPLICIT_VR_LE, uids.IMPLICIT_VR_LE]
 IMAGE_SOP_CLASSES = frozenset({uids.SECONDARY_CAPTURE_IMAGE_STORAGE, uids.VL_PHOTOGRAPHIC_IMAGE_STORAGE,
                                uids.DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE})
+# The outbox payload of one image: its Secondary Capture and its SR.
+FILES_PER_DELIVERY = 2
 # BCP 195 (PS3.15 B.13): ECDHE with AEAD ciphers for TLS 1.2; TLS 1.3 suites are always AEAD.
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -142,6 +144,12 @@ class DicomForwardChannel:
     @property
     def destination(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def max_delivery_s(self) -> float:
+        """The longest one ``deliver`` can take by its timeouts: connect, associate, one C-STORE
+        per file, release. The outbox derives its lease from this."""
+        return self.connection_timeout + 2 * self.acse_timeout + FILES_PER_DELIVERY * self.dimse_timeout
 
     def deliver(self, payload: dict[str, Any]) -> DeliveryOutcome:
         """One attempt to store every file; ok only when all of them are stored."""

@@ -64,6 +64,9 @@ PAYLOAD_VERSION = 1
 KIND_REPORT = "report"
 KIND_REVIEW = "review"
 ACTOR = "dermgate"
+# Requests one delivery may make: token (and its renewal after a 401), Patient search, ImagingStudy
+# search, then the transaction; sequential profiles create the Device and Observations one by one.
+MAX_REQUESTS_PER_DELIVERY = 10
 
 
 def utcnow() -> datetime:
@@ -128,6 +131,13 @@ class FhirChannel:
 
     def close(self) -> None:
         self.client.close()
+
+    @property
+    def max_delivery_s(self) -> float:
+        """The longest one ``deliver`` can take by the configured timeouts (each phase of each
+        request at most once); the outbox derives its lease from this."""
+        t = self.settings.timeouts
+        return MAX_REQUESTS_PER_DELIVERY * (t.connect_s + t.write_s + t.read_s + t.pool_s)
 
     # ---- prepare (pipeline side) ---------------------------------------------------------------
 

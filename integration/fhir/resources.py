@@ -436,7 +436,7 @@ def build_report_bundle(image: ImageRef, prediction: Prediction, cam_png: bytes,
     result_refs: list[str] = []
     if profile.results is ResultsMode.CONTAINED:
         kinds = build_observations(ctx, ids={k: f"obs-{k}" for k in ("risk", "malignancy", "class", "low-confidence")})
-        for kind, obs in kinds.items():
+        for obs in kinds.values():
             contained.append(obs)
             result_refs.append(f"#{obs['id']}")
         if profile.device is DeviceMode.CONTAINED:

@@ -121,6 +121,14 @@ def collector(certs):
     server.close()
 
 
+def _poll(condition, timeout: float = 10.0) -> None:
+    """Wait for ``condition()`` with a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,7 +176,7 @@ def test_queued_messages_are_delivered_once_the_collector_comes_up(make_trail, c
     trail = make_trail(listeners=[forwarder])
     trail.record(store_event(1))
     trail.record(store_event(2))
-    time.sleep(0.2)
+    _poll(lambda: forwarder.stats.connect_failures >= 1)   # it tried while nobody listened
     server = MiniCollector(*certs, port=port)
     try:
         assert len(server.wait_for(2)) == 2
@@ -184,7 +192,7 @@ def test_a_collector_with_an_untrusted_certificate_gets_nothing(make_trail, coll
                                    backoff_initial=0.05)
     trail = make_trail(listeners=[forwarder])
     trail.record(store_event(1))
-    time.sleep(0.5)
+    _poll(lambda: forwarder.stats.connect_failures >= 1)   # the handshake was tried and refused
     assert collector.messages == [] and forwarder.stats.sent == 0 and forwarder.stats.connect_failures >= 1
     forwarder.close(timeout=0.2)
 

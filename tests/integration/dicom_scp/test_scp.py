@@ -4,6 +4,7 @@ correct RGB pixels, durability before Success, duplicates and conflicts, associa
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from integration.dicom_scp import status as st
 from integration.dicom_scp import uids
 from integration.dicom_scp.decode import decode_rgb
 from tests.integration.dicom_scp.scp_support import (LOCALHOST, MODALITY, SCP_AET, Harness, dicom_settings,
-                                                     jpeg_rgb, mean_abs_diff, running_scp)
+                                                     jpeg_rgb, mean_abs_diff, running_scp, wait_for)
 from tests.peers.dcmtk import (DCMCJPEG, DCMCRLE, DCMDJPEG, convert, echoscu, img2dcm, proposal, sample_jpeg,
                                storescu)
 
@@ -263,8 +264,14 @@ def test_stop_lets_an_in_flight_association_finish(tmp_path: Path) -> None:
         stopper = threading.Thread(target=scp.service.stop, kwargs={"timeout": 10})
         port = scp.port
         stopper.start()
-        import time
-        time.sleep(0.3)
+
+        def port_closed() -> bool:
+            try:
+                socket.create_connection((LOCALHOST, port), timeout=1).close()
+            except OSError:
+                return True
+            return False
+        assert wait_for(port_closed, timeout=10)
         assert echoscu(LOCALHOST, port, calling=MODALITY, called=SCP_AET, options=["-to", "2"]).returncode != 0
         assert assoc.send_c_echo().Status == st.SUCCESS
         assoc.release()

@@ -298,7 +298,9 @@ def test_timeout_is_retryable_and_the_late_commit_is_not_duplicated(
     payload = prepare(channel)
     first = channel.deliver(payload)
     assert not first.ok and first.retryable and "FhirTimeout" in (first.reason or "")
-    time.sleep(1.5)                                       # the server finishes the slow request meanwhile
+    deadline = time.monotonic() + 10                      # the server finishes the slow request meanwhile
+    while not reports(fhir, image_ref()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert channel.deliver(payload).ok
     _assert_exactly_one_report(fhir, image_ref())
 
