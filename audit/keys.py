@@ -319,6 +319,10 @@ class TrustedKeys:
     def fingerprints(self) -> list[str]:
         return sorted(self._keys)
 
+    def only(self, fp: str) -> TrustedKeys:
+        """The subset holding just the key with fingerprint ``fp`` (pinning)."""
+        return TrustedKeys([self._keys[fp]])
+
     def verify(self, fp: str, signature_b64: str, payload: bytes) -> None:
         key = self._keys.get(fp)
         if key is None:
