@@ -448,7 +448,7 @@ class AuditTrail:
         records that were once complete (that is a cut, not a crash).
         """
         if self._broken is not None:
-            raise self._broken
+            raise type(self._broken)(self._broken.seq, f"refusing to repair: {self._broken.reason}")
         anchored = self.anchor.current() if self.anchor is not None else None
         with self._io, self._flock():
             if anchored is not None:
