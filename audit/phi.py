@@ -12,7 +12,7 @@ raw values such as ``Invalid value for VR DA: '1970-01-31'``:
 - by value (:func:`redact_text`), in every string including the message
   itself: quoted values (what libraries quote is the offending value), dates,
   DICOM person names (``Family^Given``), and credentials in URLs or
-  ``password=`` pairs.
+  ``password=`` pairs, and URL query strings (``?identifier=system|MRN``).
 
 Add it to the structlog chain before the renderer::
 
@@ -52,6 +52,7 @@ _QUOTED = re.compile(r"(?<!File )(?:'[^'\n]*'|\"[^\"\n]*\"|`[^`\n]*`)")   # not 
 _DATES = re.compile(r"(?<![\d.])(?:(?:1[89]|20)\d\d[-/.]?(?:0[1-9]|1[0-2])[-/.]?(?:0[1-9]|[12]\d|3[01])"
                     r"|(?:0?[1-9]|[12]\d|3[01])[./](?:0?[1-9]|1[0-2])[./](?:1[89]|20)\d\d)(?![\d.])")
 _PERSON_NAME = re.compile(r"[^\s^'\"=]*\^[^\s'\"]*")
+_URL_QUERY = re.compile(r"(?P<base>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s?#'\"]*)\?[^\s#'\"]*")   # ?identifier=sys|MRN
 
 
 def _normalise(key: str) -> str:
@@ -82,6 +83,7 @@ def redact_credentials(text: str) -> str:
 def redact_text(text: str) -> str:
     """Free text (a log message, an error, a retry reason) with every value that may be PHI blanked."""
     text = redact_credentials(text)
+    text = _URL_QUERY.sub(lambda m: f"{m['base']}?{REDACTED}", text)
     text = _QUOTED.sub(lambda m: m.group(0)[0] + REDACTED + m.group(0)[-1], text)
     text = _DATES.sub(REDACTED, text)
     return _PERSON_NAME.sub(REDACTED, text)

@@ -16,13 +16,13 @@ a raw DICOM value in its message cannot bypass it.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 import structlog
 
 from audit.phi import redact_phi
+from dermgate.durable import private_dir, private_file
 
 LOG_FILE_MODE = 0o600            # logs name UIDs and hosts: owner only, whatever the umask
 LOG_DIR_MODE = 0o700
@@ -46,11 +46,8 @@ def _processor_formatter() -> structlog.stdlib.ProcessorFormatter:
 
 def _private_file(path: Path) -> Path:
     """Create (or tighten) ``path`` 0600 and its folder 0700 before a handler appends to it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=LOG_DIR_MODE)
-    os.chmod(path.parent, LOG_DIR_MODE)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_FILE_MODE))
-    os.chmod(path, LOG_FILE_MODE)
-    return path
+    private_dir(path.parent, mode=LOG_DIR_MODE)
+    return private_file(path, mode=LOG_FILE_MODE)
 
 
 def configure(level: str = "INFO", log_file: Path | None = None, console: bool = False) -> None:
