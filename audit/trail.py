@@ -417,7 +417,8 @@ class AuditTrail:
         torn = self._torn()
         if torn is not None:
             raise TornTailError(f"audit log {self.path} ends in an incomplete record ({torn[1]} bytes at offset "
-                                f"{torn[0]}), left by a crash mid-write; run `dermgate audit repair`",
+                                f"{torn[0]}), left by a crash mid-write (or a cut); see `dermgate audit verify`, "
+                                "then `dermgate audit repair --confirm`",
                                 offset=torn[0], length=torn[1])
         size = os.fstat(self._fd).st_size
         _, line = self._last_line(size)
