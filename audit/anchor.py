@@ -87,9 +87,10 @@ class DbAnchor:
     was given (coalescing), so an audit write costs no extra database round trip.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, *, owns_engine: bool = False) -> None:
         from dermgate.db import AuditAnchor
         self.engine = engine
+        self.owns_engine = owns_engine              # dispose it on close
         self.table = AuditAnchor.__table__
         self._cond = threading.Condition()
         self._pending: AnchorState | None = None
@@ -215,6 +216,8 @@ class DbAnchor:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(5.0)
+        if self.owns_engine:
+            self.engine.dispose()
 
 
 def _aware(value: datetime | None) -> datetime | None:

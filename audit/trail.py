@@ -203,7 +203,11 @@ class AuditTrail:
                 self._write(line, 0, signed_line=line)
                 self._fsync_dir()
                 if self.anchor is not None:         # at once: from now on this log must exist
-                    self.anchor.advance(AnchorState(log_id, 0, json.loads(line)["hash"], 0, json.loads(line)["hash"]))
+                    digest = json.loads(line)["hash"]
+                    try:
+                        self.anchor.advance(AnchorState(log_id, 0, digest, 0, digest))
+                    except AnchorError as exc:      # published again (and retried) with the next write
+                        log.warning("audit_anchor_write_failed", error=str(exc), seq=0)
                 log.info("audit_log_created", directory=str(self.directory))
                 return log_id
         first = self._read_first_line()

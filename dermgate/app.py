@@ -153,7 +153,7 @@ def open_audit(settings: Settings, *, public_key_files: Sequence[Path] = ()) -> 
         except AuditConfigError:
             pass   # another process of this work dir made them first
 
-    anchor = DbAnchor(make_engine(settings.db_url))
+    anchor = DbAnchor(make_engine(settings.db_url), owns_engine=True)
     trail = open_configured_trail(settings.audit_dir, key_file, signing, checkpoint_every=a.checkpoint_every,
                                   public_key_files=public_key_files, anchor=anchor,
                                   syslog_host=a.syslog_host, syslog_port=a.syslog_port,
