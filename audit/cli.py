@@ -144,7 +144,7 @@ def add_arguments(subparsers: Any) -> None:
 
 def identify(args: argparse.Namespace, tokens_file: Path | None) -> Identity:
     """The caller's authenticated identity; ``--as``/``--role`` must agree with it (IdentityError)."""
-    return resolve(tokens_file or Path(os.devnull), claimed_user=getattr(args, "requested_by", None),
+    return resolve(tokens_file, claimed_user=getattr(args, "requested_by", None),
                    claimed_role=getattr(args, "role", None))
 
 

@@ -48,7 +48,7 @@ def os_user() -> str:
         return f"uid{os.getuid()}"
 
 
-def resolve(tokens_file: Path, *, claimed_user: str | None = None, claimed_role: str | None = None,
+def resolve(tokens_file: Path | None, *, claimed_user: str | None = None, claimed_role: str | None = None,
             environ: Mapping[str, str] | None = None, option: str = "--as") -> Identity:
     """The caller's identity: the token's holder if ``$DERMGATE_API_TOKEN`` is set, else the OS user.
 
@@ -60,7 +60,8 @@ def resolve(tokens_file: Path, *, claimed_user: str | None = None, claimed_role:
     if token:
         from dermgate.api.deps import hash_token, load_tokens
         digest = hash_token(token)
-        entry = next((v for k, v in load_tokens(tokens_file).items() if hmac.compare_digest(k, digest)), None)
+        tokens = load_tokens(tokens_file) if tokens_file is not None else {}
+        entry = next((v for k, v in tokens.items() if hmac.compare_digest(k, digest)), None)
         if entry is None:
             raise IdentityError(f"{TOKEN_ENV} is not a valid API token (unknown or revoked)")
         expires = entry.get("expires")
