@@ -39,7 +39,8 @@ def test_values_inside_messages_and_reasons_are_redacted_not_only_keys():
     """Issue 12: other libraries and free-text reasons put raw values in the text itself."""
     from audit.phi import redact_text
     line = _render([redact_phi], reason="classification failed: Unable to convert '1970-01-31' to 'DA' object",
-                   detail={"note": "Invalid value for VR PN: \"Doe^Jane\""}, url="https://ehr/fhir/Patient?identifier=s|MRN-7",
+                   detail={"note": "Invalid value for VR PN: \"Doe^Jane\""},
+                   url="https://ehr/fhir/Patient?identifier=s|MRN-7",
                    dsn="postgresql://dermgate:pw123@db/dermgate", sop_instance_uid="1.2.826.0.1.3680043.8.498.19700131")
     text = json.dumps(line)
     for phi in ("1970-01-31", "Doe", "Jane", "MRN-7", "pw123"):
