@@ -37,6 +37,7 @@ log = structlog.get_logger("audit.anchor")
 ANCHOR_TABLE = "audit_anchor"
 RETRY_S = 1.0                               # a database blip delays the anchor, never an audited action
 CLOSE_FLUSH_S = 5.0
+MIN_INTERVAL_S = 0.25                       # at most 4 anchor commits a second: the head lags by at most this
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,25 @@ class AnchorError(AuditConfigError):
 class DbAnchor:
     """The ``audit_anchor`` table (``dermgate.db.AuditAnchor``) on an SQLAlchemy engine.
 
-    Writes happen on a background thread that always writes the newest head it
-    was given (coalescing), so an audit write costs no extra database round trip.
+    Writes happen on a background thread that writes the newest head it was
+    given, at most every ``min_interval_s`` (coalescing), so an audit write costs
+    no extra database round trip and the disk no more than a few commits a
+    second. On SQLite the anchor's commits are not fsynced (``synchronous=NORMAL``
+    in WAL mode): a power loss can only make the anchor older, never ahead.
     """
 
-    def __init__(self, engine: Any, *, owns_engine: bool = False) -> None:
+    def __init__(self, engine: Any, *, owns_engine: bool = False, min_interval_s: float = MIN_INTERVAL_S) -> None:
         from dermgate.db import AuditAnchor
         self.engine = engine
         self.owns_engine = owns_engine              # dispose it on close
+        self.min_interval_s = min_interval_s
+        self._urgent = False                        # flush() asked: write now, not after the interval
+        if engine.dialect.name == "sqlite" and owns_engine:
+            from sqlalchemy import event
+
+            @event.listens_for(engine, "connect")
+            def _no_fsync(dbapi_conn: Any, _: Any) -> None:
+                dbapi_conn.execute("PRAGMA synchronous=NORMAL")
         self.table = AuditAnchor.__table__
         self._cond = threading.Condition()
         self._pending: AnchorState | None = None
@@ -199,15 +211,18 @@ class DbAnchor:
                 if failed:
                     self._pending = state if self._pending is None else state.merged(self._pending)
                 self._cond.notify_all()
-                if failed and not self._closed:
-                    self._cond.wait(RETRY_S)
-                elif failed:
+                if failed and self._closed:
                     return
+                self._cond.wait_for(lambda: self._closed or self._urgent,
+                                    RETRY_S if failed else self.min_interval_s)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every published head is in the database (or ``timeout``)."""
         with self._cond:
+            self._urgent = True
+            self._cond.notify_all()
             self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
+            self._urgent = False
 
     def close(self) -> None:
         self.flush(CLOSE_FLUSH_S)
