@@ -311,6 +311,14 @@ class TrustedKeys:
     def __contains__(self, fp: str) -> bool:
         return fp in self._keys
 
+    @property
+    def fingerprints(self) -> list[str]:
+        return sorted(self._keys)
+
+    def only(self, fp: str) -> TrustedKeys:
+        """The subset holding just the key with fingerprint ``fp`` (pinning)."""
+        return TrustedKeys([self._keys[fp]])
+
     def verify(self, fp: str, signature_b64: str, payload: bytes) -> None:
         key = self._keys.get(fp)
         if key is None:

@@ -6,6 +6,8 @@ Part 1, the trail alone (encrypted, chained, checkpoint every 100):
   fsync      one thread, ``record`` returns after fdatasync (production setting)
   no-fsync   one thread, ``durable=False`` (the CPU cost: JSON, AES-GCM, hashing)
   fsync xN   N threads at once: group commit shares one fsync between queued events
+  fsync+anchor  one thread, fsync, the head published to an SQLite ``audit_anchor`` table
+             (``audit.anchor.DbAnchor``, a background writer): what the outside anchor costs
 Part 2, a pynetdicom C-STORE SCP receiving ``--stores`` images from dcmtk's
 ``storescu`` over one association, with handler variants run alternately:
   ack         answer 0x0000 at once (the protocol floor)
@@ -63,6 +65,19 @@ def bench_trail(root: Path, events: int, threads: int) -> dict[str, float]:
             trail.record(_event(i))
         rates[name] = events / (time.perf_counter() - start)
         trail.close()
+    from audit.anchor import DbAnchor
+    from dermgate.db import make_engine
+    from dermgate.migrate import upgrade
+    url = f"sqlite:///{root / 'anchor.db'}"
+    upgrade(url)
+    trail = AuditTrail(root / "trail-anchor", Keyring.generate(), Signer.generate(), checkpoint_every=100,
+                       anchor=DbAnchor(make_engine(url), owns_engine=True))
+    trail.record(_event(0))
+    start = time.perf_counter()
+    for i in range(events):
+        trail.record(_event(i))
+    rates["fsync+anchor"] = events / (time.perf_counter() - start)
+    trail.close()
     trail = _trail(root / "trail-threads")
     per_thread = max(1, events // threads)
 

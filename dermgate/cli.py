@@ -14,7 +14,10 @@
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory. Only ``serve``, ``demo`` and ``migrate`` may create one (and
 migrate its database); every other command refuses a work dir that holds no dermgate
-state, so a mistyped ``--workdir`` creates nothing, and never migrates.
+state, so a mistyped ``--workdir`` creates nothing, and never migrates. Actions are audited under the caller's
+authenticated identity (``dermgate.identity``): the OS user (``os:<user>``), or
+the holder of the API token in ``$DERMGATE_API_TOKEN``; a name typed with
+``--user``, ``--reviewer`` or ``--as`` counts only when that token proves it.
 """
 
 from __future__ import annotations
@@ -65,6 +68,19 @@ def _runtime(args: argparse.Namespace):  # noqa: ANN202
     return Runtime(_logged_settings(args), create=args.command in CREATES_WORKDIR)
 
 
+class _Refused(Exception):
+    """The command line claims an identity it has not proved (exit 2)."""
+
+
+def _identity(args: argparse.Namespace, settings, claimed: str | None = None,  # noqa: ANN001
+              option: str = "--user"):  # noqa: ANN202
+    from dermgate.identity import IdentityError, resolve
+    try:
+        return resolve(settings.api_tokens_file, claimed_user=claimed, option=option)
+    except IdentityError as exc:
+        raise _Refused(str(exc)) from None
+
+
 # ---- serve ------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -94,7 +110,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     from audit.api import AuditEvent, EventType, Outcome
     from dermgate.db import Instance, Job, JobState, utcnow
-    rt = _runtime(args)
+    settings = _logged_settings(args)
+    who = _identity(args, settings, args.user)
+    from dermgate.app import Runtime
+    rt = Runtime(settings)
     with rt.sessions.begin() as s:
         if args.action == "list":
             q = select(Job, Instance).join(Instance, Instance.id == Job.instance_id).order_by(Job.id)
@@ -114,8 +133,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             job.state = JobState.CLASSIFIED if job.result else JobState.RECEIVED
             job.attempts, job.next_attempt_at, job.lease_owner, job.lease_expires_at = 0, utcnow(), None, None
             n += 1
-    rt.audit.record(AuditEvent(event=EventType.JOB_ADMIN, outcome=Outcome.SUCCESS, actor=args.user,
-                               actor_role="operator", action="U", detail={"retry_jobs": ids[:100], "count": n}))
+    rt.audit.record(AuditEvent(event=EventType.JOB_ADMIN, outcome=Outcome.SUCCESS, actor=who.actor,
+                               actor_role=who.role, action="U", detail={"retry_jobs": ids[:100], "count": n}))
     print(f"{n} job(s) queued for retry")
     return 0
 
@@ -125,7 +144,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
     from audit.api import AuditEvent, EventType, Outcome
     from dermgate.db import OutboxItem, OutboxState, utcnow
-    rt = _runtime(args)
+    settings = _logged_settings(args)
+    who = _identity(args, settings, args.user)
+    from dermgate.app import Runtime
+    rt = Runtime(settings)
     with rt.sessions.begin() as s:
         if args.action == "list":
             q = select(OutboxItem).order_by(OutboxItem.id)
@@ -149,8 +171,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             res = s.execute(delete(OutboxItem).where(OutboxItem.state == OutboxState.SENT,
                                                      OutboxItem.sent_at < cutoff))
             detail = {"purged": res.rowcount, "older_than_days": args.older_than_days}
-    rt.audit.record(AuditEvent(event=EventType.JOB_ADMIN, outcome=Outcome.SUCCESS, actor=args.user,
-                               actor_role="operator", action="U" if args.action == "retry" else "D",
+    rt.audit.record(AuditEvent(event=EventType.JOB_ADMIN, outcome=Outcome.SUCCESS, actor=who.actor,
+                               actor_role=who.role, action="U" if args.action == "retry" else "D",
                                detail={"outbox": args.action, **detail}))
     print(detail)
     return 0
@@ -159,10 +181,17 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 # ---- review -----------------------------------------------------------------------------------
 
 def cmd_review(args: argparse.Namespace) -> int:
+    """The reviewer is the OS user (``os:<user>``) or the clinician whose API token is in
+    ``$DERMGATE_API_TOKEN``; ``--reviewer`` must name that same person."""
+    from dermgate.app import Runtime
     from dermgate.review import ReviewError, submit_review
-    rt = _runtime(args)
+    settings = _logged_settings(args)
+    who = _identity(args, settings, args.reviewer, "--reviewer")
+    if who.via == "token" and who.role != "clinician":
+        raise _Refused(f"the API token of {who.actor} has role {who.role}; only a clinician may review")
+    rt = Runtime(settings)
     try:
-        review = submit_review(rt, args.sop_instance_uid, reviewer=args.reviewer,
+        review = submit_review(rt, args.sop_instance_uid, reviewer=who.actor, actor_role=who.role,
                                decision="override" if args.override else "confirm",
                                diagnosis=args.override, comment=args.comment)
     except ReviewError as exc:
@@ -222,6 +251,7 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     from dermgate.db import utcnow
     from dermgate.durable import write_atomic
     settings = _logged_settings(args)   # tokens file and audit trail only: no database, no migrations
+    who = _identity(args, settings, args.user)
     path = settings.api_tokens_file
     tokens = load_tokens(path)
     if args.action == "list":
@@ -248,8 +278,8 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     audit = open_audit(settings)
     try:
         write_atomic(path, json.dumps(tokens, indent=1).encode(), mode=0o600, dir_mode=0o700)
-        audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=args.user,
-                                actor_role="operator", action="C" if args.action == "add" else "D",
+        audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=who.actor,
+                                actor_role=who.role, action="C" if args.action == "add" else "D",
                                 detail={"api_token": args.action, "for_user": args.name,
                                         "role": getattr(args, "role", None)}))
     finally:
@@ -267,9 +297,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "init-keys":
         return int(run(args, None) or 0)
     from dermgate.app import open_audit
-    audit = open_audit(_logged_settings(args))   # the trail alone: no database, no migrations
+    settings = _logged_settings(args)
+    pin = getattr(args, "pin_key", None)
+    # the trail and its anchor row: no migrations (a compliance officer's command changes no schema)
+    audit = open_audit(settings, public_key_files=[pin] if pin else [])
     try:
-        return int(run(args, audit.trail) or 0)
+        return int(run(args, audit.trail, tokens_file=settings.api_tokens_file) or 0)
     finally:
         audit.close()
 
@@ -291,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dermgate {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", help="work dir (default: $DERMGATE_WORKDIR or the current directory)")
-    common.add_argument("--user", default="operator", help="who is acting, for the audit trail")
+    common.add_argument("--user", default=None,
+                        help="who is acting; recorded only when $DERMGATE_API_TOKEN is that user's token "
+                             "(default: the OS user, recorded as os:<user>)")
     common.add_argument("-v", "--verbose", action="store_true", help="also log to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -323,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("review", parents=[common], help="confirm or override an AI result")
     r.add_argument("sop_instance_uid", help="SOP Instance UID of the reviewed image")
-    r.add_argument("--reviewer", required=True, help="the clinician (recorded in the report and the audit)")
+    r.add_argument("--reviewer", help="the clinician; accepted only with that clinician's API token in "
+                                      "$DERMGATE_API_TOKEN (default: the OS user, recorded as os:<user>)")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--confirm", action="store_true")
     g.add_argument("--override", choices=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
@@ -370,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except WorkdirError as exc:
+    except (WorkdirError, _Refused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

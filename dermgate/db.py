@@ -3,17 +3,20 @@
 Tables: ``instances`` (what was received, with the sha256 of its bytes),
 ``jobs`` (one per instance: received -> classified -> rendered -> delivered,
 or failed), ``outbox`` (one row per delivery to one channel, written in the
-transaction that records the result), ``reviews`` (clinician decisions).
+transaction that records the result), ``reviews`` (clinician decisions),
+``audit_anchor`` (the audit trail's head, kept outside the trail so a trail cut
+back or deleted no longer matches it).
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
-                        create_engine, event)
+from sqlalchemy import (JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, create_engine, event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -130,9 +133,26 @@ class Review(Base):
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
 
+class AuditAnchor(Base):
+    """The newest record of one audit log, as every writing process last saw it (``audit.anchor``).
+
+    Only ever moves forward: a trail that ends before ``seq``, or holds another
+    record there, was cut back or replaced.
+    """
+    __tablename__ = "audit_anchor"
+    log_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)                          # newest durable record
+    hash: Mapped[str] = mapped_column(String(64))
+    checkpoint_seq: Mapped[int | None] = mapped_column(BigInteger)        # newest signed record
+    checkpoint_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the settings each backend needs for durable, concurrent use."""
     if url.startswith("sqlite"):
+        _private_sqlite_files(url)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -152,6 +172,26 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The database holds PHI: create it 0600 before SQLite does (SQLite would use the umask; its
+    -wal and -shm files then take the database file's mode), and tighten files an older release left."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from dermgate.durable import private_dir, private_file
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    private_dir(path.parent, tighten=False)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            os.chmod(sidecar, 0o600)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

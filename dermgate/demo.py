@@ -119,11 +119,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dermgate import logs
     from dermgate.app import Runtime
     from dermgate.db import Instance, Job, JobState
+    from dermgate.durable import private_dir
     from dermgate.service import Service
     from dermgate.settings import AllowedCaller, DicomSettings, Settings
 
     workdir = Path(args.workdir or f"dermgate-demo-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    private_dir(workdir, tighten=False)
     os.environ["DERMGATE_WORKDIR"] = str(workdir)
     port = free_port()
     dicom = DicomSettings(port=port, allowed_callers=[AllowedCaller(ae_title=DEMO_SCOPE_AE, hosts=["127.0.0.1"])],

@@ -345,7 +345,7 @@ class Dispatcher:
             return
         log.warning("delivery_dead_letter" if dead else "delivery_retry", channel=item.channel,
                     outbox_id=item.id, correlation_id=cid, attempts=attempts, retry_in_s=None if dead else round(delay, 2),
-                    reason=(outcome.reason or "")[:200])
+                    reason=(outcome.log_reason if outcome.log_reason is not None else outcome.reason or "")[:200])
 
     def release_all(self) -> int:
         with self.sessions.begin() as s:

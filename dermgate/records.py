@@ -57,6 +57,7 @@ class DeliveryOutcome:
     retry_after_s: float | None = None   # honoured from 429/503 Retry-After
     reason: str | None = None
     remote_ref: str | None = None        # e.g. DiagnosticReport/123, or the remote SOP UID
+    log_reason: str | None = None        # for the application log when ``reason`` quotes the peer's free text
 
 
 class Channel(Protocol):

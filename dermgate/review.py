@@ -26,7 +26,10 @@ class ReviewError(Exception):
 
 
 def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision: str,
-                  diagnosis: str | None, comment: str | None, source: str | None = None) -> dict[str, Any]:
+                  diagnosis: str | None, comment: str | None, source: str | None = None,
+                  actor_role: str | None = "clinician") -> dict[str, Any]:
+    """Store, plan and audit one review; ``reviewer`` is an authenticated identity (API token holder
+    or ``os:<user>``), ``actor_role`` the role that identity proves (None for an OS user)."""
     if decision not in ("confirm", "override"):
         raise ReviewError("decision must be confirm or override")
     if decision == "override" and diagnosis not in CLASSES:
@@ -54,7 +57,7 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
                "sop_instance_uid": inst.sop_instance_uid}
         patient_id, study_uid = inst.patient_id, inst.study_instance_uid
     rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=reviewer,
-                               actor_role="clinician", action="U", source=source, patient_id=patient_id,
+                               actor_role=actor_role, action="U", source=source, patient_id=patient_id,
                                study_uid=study_uid, sop_instance_uids=(sop_instance_uid,),
                                detail={"decision": decision, "diagnosis": diagnosis,
                                        "ai_top_class": (job.result or {}).get("top_class")}))

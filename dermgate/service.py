@@ -74,7 +74,8 @@ class Service:
         self.rt.audit.record(AuditEvent(event=EventType.CONFIG_CHANGE, outcome=Outcome.SUCCESS, actor="dermgate",
                                         action="U", detail={"sha256": digest, "previous_sha256": previous,
                                                             "settings": public}))
-        marker.write_text(digest)
+        from dermgate.durable import write_atomic
+        write_atomic(marker, digest.encode())
 
     def _thread(self, name: str, step: Any) -> None:
         t = threading.Thread(target=run_loop, args=(step, self.stop_event, self.rt.settings.worker.poll_interval_s),

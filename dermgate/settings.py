@@ -4,7 +4,8 @@ Sources, highest first: keyword arguments, environment (``DERMGATE_*``, nested
 with ``__``, e.g. ``DERMGATE_DICOM__AE_TITLE``), the TOML file named by
 ``DERMGATE_CONFIG`` or ``<workdir>/dermgate.toml``, then these defaults. The
 defaults are embedded (SQLite + a folder store under the work dir) so nothing
-must be set up by hand. Secrets are never values here: only paths to key files.
+must be set up by hand. Secrets are never values here (only paths to key
+files), except a password inside ``database_url``, which ``public_dict`` cuts out.
 
 This is the one module that composes the sections: the core's own (worker, model,
 audit, api, DICOM) are defined here, a protocol package's section is defined by that
@@ -157,6 +158,12 @@ class Settings(BaseSettings):
                              "api.tls_key_file (or put a TLS proxy in front and bind the API to loopback)")
         if self.dicom.accept_unknown_callers:
             raise ValueError("production: dicom.accept_unknown_callers must be false")
+        for setting, path in (("audit.signing_key_file", self.audit.signing_key_file),
+                              ("audit.key_file", self.audit.key_file)):
+            if path is not None and any(Path(path).resolve().is_relative_to(Path(d).resolve())
+                                        for d in (self.audit_dir, self.workdir)):
+                raise ValueError(f"production: {setting} lies in the work dir or the audit directory, beside the "
+                                 "trail it protects; keep it apart (systemd credential, Secret, or the environment)")
         return self
 
     # Derived locations, all under the work dir unless configured.
@@ -181,5 +188,7 @@ class Settings(BaseSettings):
         return self.workdir / "logs"
 
     def public_dict(self) -> dict[str, Any]:
-        """Settings for display and config-change audit: paths only, never key material."""
-        return self.model_dump(mode="json")
+        """Settings for display and config-change audit: paths only, never key material, and no
+        credentials (the password in ``database_url``, any secret-looking field) in any value."""
+        from audit.phi import redact_secrets
+        return redact_secrets(self.model_dump(mode="json"))

@@ -13,7 +13,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from dermgate.durable import write_atomic
+from dermgate.durable import private_dir, write_atomic
 
 
 class StoreError(Exception):
@@ -23,7 +23,7 @@ class StoreError(Exception):
 class ObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)                     # PHI: owner only (0700), files 0600 (write_atomic)
 
     def path(self, rel: str) -> Path:
         return self.root / rel

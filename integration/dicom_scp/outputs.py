@@ -35,7 +35,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
 import dermgate
-from dermgate.durable import write_atomic
+from dermgate.durable import private_dir, write_atomic
 from dermgate.records import Outputs
 from inference.result import CLASSES, DISCLAIMER, Prediction, Risk
 from integration.dicom_scp import uids
@@ -132,7 +132,7 @@ def write_outputs(
     now = now or datetime.now(timezone.utc)
     rgb = image_rgb if image_rgb is not None else _decode_rgb(source)
     rendered = render_heatmap(rgb, prediction)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     sc = write_verified(build_secondary_capture(source, rendered, prediction, now=now), out_dir / SC_FILE)
     sr = write_verified(build_ai_sr(source, prediction, sc, now=now), out_dir / SR_FILE)
     png = encode_png(rendered)

@@ -162,8 +162,10 @@ class FhirChannel:
                 raise FhirRejected(f"unknown payload kind {payload.get('kind')!r}")
             outcome = DeliveryOutcome(ok=True, remote_ref=ref)
         except FhirError as exc:
+            # the EHR's OperationOutcome diagnostics may quote patient data: database and audit only
             outcome = DeliveryOutcome(ok=False, retryable=exc.retryable, retry_after_s=exc.retry_after_s,
-                                      reason=f"{type(exc).__name__}: {exc.reason}")
+                                      reason=f"{type(exc).__name__}: {exc.reason}",
+                                      log_reason=type(exc).__name__ + (f" (HTTP {exc.status})" if exc.status else ""))
             detail["status"] = exc.status
         except Exception as exc:
             # A bug, not an EHR answer: audit the attempt, then let the dispatcher see it.
