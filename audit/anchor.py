@@ -82,7 +82,8 @@ class AnchorError(AuditConfigError):
 
 
 class DbAnchor:
-    """The ``audit_anchor`` table (``dermgate.db.AuditAnchor``) on an SQLAlchemy engine.
+    """The ``audit_anchor`` table on an SQLAlchemy engine; the service injects its
+    definition (``dermgate.db.AuditAnchor.__table__``), so this package imports nothing of the service.
 
     Writes happen on a background thread that writes the newest head it was
     given, at most every ``min_interval_s`` (coalescing), so an audit write costs
@@ -91,8 +92,8 @@ class DbAnchor:
     in WAL mode): a power loss can only make the anchor older, never ahead.
     """
 
-    def __init__(self, engine: Any, *, owns_engine: bool = False, min_interval_s: float = MIN_INTERVAL_S) -> None:
-        from dermgate.db import AuditAnchor
+    def __init__(self, engine: Any, table: Any, *, owns_engine: bool = False,
+                 min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.engine = engine
         self.owns_engine = owns_engine              # dispose it on close
         self.min_interval_s = min_interval_s
@@ -103,7 +104,7 @@ class DbAnchor:
             @event.listens_for(engine, "connect")
             def _no_fsync(dbapi_conn: Any, _: Any) -> None:
                 dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-        self.table = AuditAnchor.__table__
+        self.table = table
         self._cond = threading.Condition()
         self._pending: AnchorState | None = None
         self._busy = False

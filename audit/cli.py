@@ -11,7 +11,7 @@ The core CLI wires these in::
 Every command that reads the trail is itself audited (search/disclosures/verify
 as ``AUDIT_QUERY``, export as ``AUDIT_EXPORT``, rotate-key as ``KEY_CHANGE``,
 repair as ``CONFIG_CHANGE``), under the caller's authenticated identity
-(``dermgate.identity``: the OS user, or the holder of ``$DERMGATE_API_TOKEN``;
+(``audit.identity``: the OS user, or the holder of ``$DERMGATE_API_TOKEN``;
 ``--as``/``--role`` must agree with it). Exit status: 0 ok, 1 verification
 failed (the first bad record is named), 2 any other audit error (message on
 stderr).
@@ -36,7 +36,7 @@ from audit.keys import (PUBLIC_KEY_FILE, SIGNING_KEY_ENV, TrustedKeys, fingerpri
 from audit.search import AuditQuery, records_table, search
 from audit.trail import DEFAULT_CHECKPOINT_EVERY, AuditTrail, RecordListener, open_trail
 from audit.verify import read_witness
-from dermgate.identity import Identity, IdentityError, resolve
+from audit.identity import Identity, IdentityError, resolve
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1

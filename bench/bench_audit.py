@@ -66,12 +66,12 @@ def bench_trail(root: Path, events: int, threads: int) -> dict[str, float]:
         rates[name] = events / (time.perf_counter() - start)
         trail.close()
     from audit.anchor import DbAnchor
-    from dermgate.db import make_engine
+    from dermgate.db import AuditAnchor, make_engine
     from dermgate.migrate import upgrade
     url = f"sqlite:///{root / 'anchor.db'}"
     upgrade(url)
     trail = AuditTrail(root / "trail-anchor", Keyring.generate(), Signer.generate(), checkpoint_every=100,
-                       anchor=DbAnchor(make_engine(url), owns_engine=True))
+                       anchor=DbAnchor(make_engine(url), AuditAnchor.__table__, owns_engine=True))
     trail.record(_event(0))
     start = time.perf_counter()
     for i in range(events):

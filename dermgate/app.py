@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.orm import sessionmaker
 
 from audit.api import AuditSink
-from dermgate.db import make_engine, make_sessionmaker
+from dermgate.db import AuditAnchor, make_engine, make_sessionmaker
 from dermgate.durable import private_dir
 from dermgate.pipeline import Dispatcher, Planner, Worker
 from dermgate.records import Channel
@@ -194,7 +194,7 @@ def open_audit(settings: Settings, *, public_key_files: Sequence[Path] = ()) -> 
         except AuditConfigError:
             pass   # another process of this work dir made them first
 
-    anchor = DbAnchor(make_engine(settings.db_url), owns_engine=True)
+    anchor = DbAnchor(make_engine(settings.db_url), AuditAnchor.__table__, owns_engine=True)
     trail = open_configured_trail(settings.audit_dir, key_file, signing, checkpoint_every=a.checkpoint_every,
                                   public_key_files=public_key_files, anchor=anchor,
                                   syslog_host=a.syslog_host, syslog_port=a.syslog_port,

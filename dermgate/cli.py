@@ -15,7 +15,7 @@ Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory. Only ``serve``, ``demo`` and ``migrate`` may create one (and
 migrate its database); every other command refuses a work dir that holds no dermgate
 state, so a mistyped ``--workdir`` creates nothing, and never migrates. Actions are audited under the caller's
-authenticated identity (``dermgate.identity``): the OS user (``os:<user>``), or
+authenticated identity (``audit.identity``): the OS user (``os:<user>``), or
 the holder of the API token in ``$DERMGATE_API_TOKEN``; a name typed with
 ``--user``, ``--reviewer`` or ``--as`` counts only when that token proves it.
 """
@@ -74,7 +74,7 @@ class _Refused(Exception):
 
 def _identity(args: argparse.Namespace, settings, claimed: str | None = None,  # noqa: ANN001
               option: str = "--user"):  # noqa: ANN202
-    from dermgate.identity import IdentityError, resolve
+    from audit.identity import IdentityError, resolve
     try:
         return resolve(settings.api_tokens_file, claimed_user=claimed, option=option)
     except IdentityError as exc:
@@ -113,7 +113,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     settings = _logged_settings(args)
     who = _identity(args, settings, args.user)
     from dermgate.app import Runtime
-    rt = Runtime(settings)
+    rt = Runtime(settings, create=args.command in CREATES_WORKDIR)
     with rt.sessions.begin() as s:
         if args.action == "list":
             q = select(Job, Instance).join(Instance, Instance.id == Job.instance_id).order_by(Job.id)
@@ -147,7 +147,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     settings = _logged_settings(args)
     who = _identity(args, settings, args.user)
     from dermgate.app import Runtime
-    rt = Runtime(settings)
+    rt = Runtime(settings, create=args.command in CREATES_WORKDIR)
     with rt.sessions.begin() as s:
         if args.action == "list":
             q = select(OutboxItem).order_by(OutboxItem.id)
@@ -189,7 +189,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     who = _identity(args, settings, args.reviewer, "--reviewer")
     if who.via == "token" and who.role != "clinician":
         raise _Refused(f"the API token of {who.actor} has role {who.role}; only a clinician may review")
-    rt = Runtime(settings)
+    rt = Runtime(settings, create=args.command in CREATES_WORKDIR)
     try:
         review = submit_review(rt, args.sop_instance_uid, reviewer=who.actor, actor_role=who.role,
                                decision="override" if args.override else "confirm",

@@ -26,7 +26,7 @@ from inference.engine import load_image
 from inference.result import CLASSES
 from models.export import load_model
 from models.split import load_split
-from models.train import (
+from models.selection import (
     ham_dx_type,
     isic_rows,
     load_images,

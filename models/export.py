@@ -257,7 +257,7 @@ def calibrate(logits: np.ndarray, y: np.ndarray) -> tuple[dict, dict]:
 
 def _score(m: dict) -> float:
     """The training selection score (``models.train.score``) on calibrated validation metrics."""
-    from models.train import score
+    from models.selection import score
     keys = {"bal_acc": "balanced_accuracy", "mal_auc": "malignancy_auc",
             "mel_vs_histo_nv_auc": "mel_vs_histo_nv_auc", "isic_mel_auc": "isic_mel_auc"}
     return score({k: m[v] for k, v in keys.items() if v in m})
@@ -314,7 +314,7 @@ def export(config_path: Path, ckpts: Sequence[Path], out_dir: Path, threads: int
     max_diff = verify_against_torch(net, sess, x_val[:8])
     # Hard cases (2.x recipes): HAM melanoma against histopathology naevi, and ISIC 2017
     # validation (never its test split), weigh into the choice of test-time views.
-    from models.train import ham_dx_type, hard_case_metrics, isic_rows
+    from models.selection import ham_dx_type, hard_case_metrics, isic_rows
     hard = bool(d.get("hard_case_selection"))
     dx_type = ham_dx_type(ham) if hard else {}
     val_types = [dx_type.get(r["image_id"], "") for r in val]

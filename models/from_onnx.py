@@ -49,7 +49,7 @@ def members_from_onnx(onnx_path: Path | str, arch: str, n_members: int, dropout:
     import onnx
     from onnx import numpy_helper
 
-    from models.train import build_model
+    from models.arch import build_model
     graph = onnx.load(str(onnx_path)).graph
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     convs = [(init[n.input[1]], init[n.input[2]]) for n in graph.node if n.op_type == "Conv"]

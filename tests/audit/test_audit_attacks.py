@@ -24,7 +24,7 @@ from audit.trail import AuditTrail
 from audit.keys import FileKeyProvider
 from audit.verify import verify_log
 from dermgate.app import open_audit
-from dermgate.identity import os_user
+from audit.identity import os_user
 from dermgate.migrate import upgrade
 from dermgate.settings import AuditSettings, Settings
 from tests.audit.helpers import store_event

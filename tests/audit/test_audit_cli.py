@@ -15,7 +15,7 @@ from audit.format import LOG_FILE
 from audit.keys import init_keys, load_signer
 from audit.trail import AuditTrail
 from audit.keys import FileKeyProvider
-from dermgate.identity import os_user
+from audit.identity import os_user
 from tests.audit.helpers import store_event
 
 

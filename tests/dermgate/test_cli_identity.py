@@ -18,7 +18,7 @@ from sqlalchemy import select
 from audit.api import EventType
 from dermgate.app import Runtime, open_audit
 from dermgate.db import Instance, Job, JobState, Review
-from dermgate.identity import os_user
+from audit.identity import os_user
 from dermgate.settings import Settings
 
 SOP_UID = "1.2.826.0.1.3680043.8.498.120001"

@@ -101,7 +101,7 @@ def test_members_recovered_from_an_exported_ensemble_reproduce_its_logits(tmp_pa
     pytest.importorskip("efficientnet_lite_pytorch")
     from models.export import export_onnx
     from models.from_onnx import check_against_onnx, members_from_onnx
-    from models.train import build_model
+    from models.arch import build_model
     torch.manual_seed(0)
     members = [build_model("efficientnet-lite0", 0.3) for _ in range(2)]
     with torch.no_grad():

@@ -16,7 +16,9 @@ only the OS user's own name is accepted.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,9 +60,9 @@ def resolve(tokens_file: Path | None, *, claimed_user: str | None = None, claime
     env = os.environ if environ is None else environ
     token = (env.get(TOKEN_ENV) or "").strip()
     if token:
-        from dermgate.api.deps import hash_token, load_tokens
-        digest = hash_token(token)
-        tokens = load_tokens(tokens_file) if tokens_file is not None else {}
+        digest = hashlib.sha256(token.encode()).hexdigest()   # the tokens file keys (dermgate api-token)
+        tokens = (json.loads(tokens_file.read_text())
+                  if tokens_file is not None and tokens_file.exists() else {})
         entry = next((v for k, v in tokens.items() if hmac.compare_digest(k, digest)), None)
         if entry is None:
             raise IdentityError(f"{TOKEN_ENV} is not a valid API token (unknown or revoked)")
