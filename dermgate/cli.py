@@ -10,6 +10,9 @@
     dermgate migrate      create / upgrade the database schema
     dermgate verify-model check the model file against its manifest
     dermgate api-token    issue, list or revoke HTTP API bearer tokens
+    dermgate outcomes     import, list and link outcomes (histopathology truth)
+    dermgate monitor      live performance, drift and alarms (report)
+    dermgate model        recall a model version from the PACS and the EHR
 
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory.
@@ -348,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
     c.set_defaults(func=cmd_config)
+
+    from dermgate.cli_outcomes import add_commands
+    add_commands(sub, common)
 
     workdir_only = argparse.ArgumentParser(add_help=False)
     workdir_only.add_argument("--workdir", help="work dir (default: $DERMGATE_WORKDIR or the current directory)")

@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate import __version__, metrics
 from dermgate.api.deps import RuntimeDep, User, require
+from dermgate.api.outcomes import router as outcomes_router
 from dermgate.app import Runtime
 from dermgate.db import Instance, Job, OutboxItem, OutboxState
 from dermgate.pipeline import queue_depth
@@ -157,4 +158,5 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
             return [{"id": o.id, "channel": o.channel, "attempts": o.attempts, "last_error": o.last_error}
                     for o in rows]
 
+    app.include_router(outcomes_router)
     return app
