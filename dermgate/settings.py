@@ -133,7 +133,8 @@ class MonitorSettings(Section):
     windows_days: list[int] = Field(default_factory=lambda: [30, 90])
     sensitivity_floor: float = 0.90       # alarm: the 95% lower bound of sensitivity under this
     max_drop_vs_card: float = 0.05        # alarm: AUC or sensitivity this far under the model card's test figure
-    min_positives: int = 30               # malignant outcomes a window needs before its sensitivity alarms count
+    min_positives: int = 30               # malignant outcomes a window needs for the drop and false-negative alarms
+    floor_min_positives: int = 150        # malignant outcomes a window needs for the sensitivity-floor alarm
     min_outcomes: int = 100               # linked outcomes a window needs for AUC and calibration alarms
     alpha: float = 0.01                   # one-sided test level of the false-negative and calibration alarms
     ece_max_increase: float = 0.05        # alarm: ECE of P(malignant) this far above the model card's
