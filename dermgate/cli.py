@@ -100,9 +100,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 q = q.where(Job.state == JobState(args.state))
             rows = [(j.id, j.state.value, j.attempts, (i.sop_instance_uid or "")[-24:],
                      (j.result or {}).get("top_class", ""), (j.result or {}).get("risk", ""),
+                     f"RECALLED #{j.recall_id}" if j.recall_id else "",
                      j.updated_at.strftime("%Y-%m-%d %H:%M:%S"), (j.last_error or "")[:60])
                     for j, i in s.execute(q.limit(args.limit))]
-            print(_table(rows, ["id", "state", "tries", "sop uid (tail)", "top", "risk", "updated", "last error"]))
+            print(_table(rows, ["id", "state", "tries", "sop uid (tail)", "top", "risk", "recall", "updated",
+                                "last error"]))
             return 0
         ids = args.ids or [j.id for j in s.scalars(select(Job).where(Job.state == JobState.FAILED))]
         n = 0

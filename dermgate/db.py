@@ -108,6 +108,7 @@ class Job(LeaseMixin, Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None] = mapped_column(TZDateTime())
+    recall_id: Mapped[int | None] = mapped_column(ForeignKey("model_recalls.id"), index=True)  # result recalled
     __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),)
 
 
@@ -173,6 +174,19 @@ class OutcomeLink(Base):
     linked_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     __table_args__ = (UniqueConstraint("outcome_id", "job_id", name="uq_outcome_links_outcome_job"),)
+
+
+class ModelRecall(Base):
+    """A model version recalled by an operator: its results are withdrawn from the PACS (IOCM rejection
+    note) and the EHR (entered-in-error or amended), each step through the outbox."""
+    __tablename__ = "model_recalls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    fhir_action: Mapped[str] = mapped_column(String(32))          # entered-in-error | amended
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    n_results: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def make_engine(url: str) -> Engine:

@@ -144,6 +144,11 @@ class MonitorSettings(Section):
     drift_window_days: int = 30
 
 
+class RecallSettings(Section):
+    """``dermgate model recall``: what a recalled result becomes in the EHR."""
+    fhir_action: Literal["entered-in-error", "amended"] = "entered-in-error"   # amended: kept, with the recall notice
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DERMGATE_", env_nested_delimiter="__", extra="forbid")
 
@@ -161,6 +166,7 @@ class Settings(BaseSettings):
     fhir_bundle_dir: Path | None = None               # also write each FHIR bundle here (demo without an EHR)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    recall: RecallSettings = Field(default_factory=RecallSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

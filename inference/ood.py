@@ -79,8 +79,10 @@ class OodStats:
         """OOD scores of pooled feature vectors (N, K): higher is further from training."""
         x = np.asarray(pooled, np.float64) - self.mean
         z = x @ self.components
-        diff = z[:, None, :] - self.class_means[None, :, :]                       # (N, C, d)
-        maha = np.sqrt(np.maximum(np.einsum("ncd,de,nce->nc", diff, self.precision, diff), 0.0)).min(axis=1)
+        zp, mp = z @ self.precision, self.class_means @ self.precision
+        # (z - m)^T S^-1 (z - m) for every class at once, without an (N, C, d) array
+        d2 = (zp * z).sum(1)[:, None] - 2 * zp @ self.class_means.T + (mp * self.class_means).sum(1)[None, :]
+        maha = np.sqrt(np.maximum(d2, 0.0)).min(axis=1)
         resid = np.linalg.norm(x - z @ self.components.T, axis=1) / self.residual_scale
         return maha + self.residual_weight * resid
 
@@ -110,11 +112,12 @@ def fit(train_pooled: npt.NDArray[np.floating], train_labels: npt.NDArray[np.int
         dims: int = 128, residual_weight: float = 1.0, onnx_sha256: str = "") -> OodStats:
     """Fit the statistics on training features (threshold left at +inf: chosen on validation)."""
     from sklearn.covariance import LedoitWolf
+    from sklearn.utils.extmath import randomized_svd
     x = np.asarray(train_pooled, np.float64)
     mu = x.mean(axis=0)
     xc = x - mu
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    comps = vt[:dims].T                                                            # (K, d)
+    _, _, vt = randomized_svd(xc, dims, n_iter=5, random_state=0)   # the top components, deterministic
+    comps = vt.T                                                                   # (K, d)
     z = xc @ comps
     means = np.stack([z[train_labels == c].mean(axis=0) if (train_labels == c).any() else np.zeros(dims)
                       for c in range(n_classes)])

@@ -93,6 +93,8 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
                 for ch, st, n in s.execute(select(OutboxItem.channel, OutboxItem.state, func.count())
                                            .group_by(OutboxItem.channel, OutboxItem.state)):
                     metrics.OUTBOX.labels(ch.split(":")[0], st.value).set(n)
+            from dermgate.monitor_metrics import refresh
+            refresh(rt)
         except Exception:  # noqa: BLE001 - metrics still served when the database is down
             pass
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

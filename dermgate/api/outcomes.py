@@ -5,6 +5,7 @@
     POST /api/v1/outcomes/{id}/links             a person links it to a result {"sop_instance_uid": ...}
     DELETE /api/v1/outcomes/{id}/links/{sop}     a person removes a wrong link
     GET  /api/v1/monitor/report?since=DATE       the live performance report (JSON)
+    GET  /api/v1/recalls                         model recalls (dermgate model recall)
 
 Mounted by one line in dermgate/api/main.py; every write is audited in dermgate.outcomes.
 """
@@ -91,6 +92,12 @@ def delete_link(outcome_id: int, sop_instance_uid: str, request: Request, rt: Ru
     if not removed:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such link")
     return {"outcome_id": outcome_id, "sop_instance_uid": sop_instance_uid, "unlinked": True}
+
+
+@router.get("/api/v1/recalls")
+def recalls(rt: RuntimeDep, user: User = readers) -> list[dict[str, Any]]:
+    from dermgate.recall import list_recalls
+    return list_recalls(rt.sessions)
 
 
 @router.get("/api/v1/monitor/report")

@@ -560,6 +560,37 @@ def build_review_update(current: dict[str, Any], review: Review, settings: FhirS
     return validated(DiagnosticReport, updated)
 
 
+def recall_applied(current: dict[str, Any], recall_id: str, settings: FhirSettings) -> bool:
+    return any(t.get("system") == settings.system("recall") and t.get("code") == recall_id
+               for t in current.get("meta", {}).get("tag", []))
+
+
+def build_recall_update(current: dict[str, Any], recall: dict[str, Any], settings: FhirSettings) -> dict[str, Any]:
+    """The report of a recalled model version, for a versioned update: ``entered-in-error`` (the EHR
+    hides or flags it as never valid), or ``amended`` with the recall notice before the AI's conclusion."""
+    updated = copy.deepcopy(current)
+    action = recall["action"]
+    notice = (f"RECALLED: the AI model version {recall['model_version']} that produced this result was recalled "
+              f"on {recall['recalled_at']}. Reason: {recall['reason']}. Do not use this result.")
+    meta = updated.setdefault("meta", {})
+    tags = [t for t in meta.get("tag", []) if t.get("system") != settings.system("recall")]
+    tags.append(coding(settings.system("recall"), str(recall["id"]), f"model recall ({action})"))
+    meta["tag"] = tags
+    original = _original_conclusion(current)
+    if updated.get("resourceType") == "DocumentReference":
+        if action == "entered-in-error":
+            updated["status"] = "entered-in-error"
+            updated["docStatus"] = "entered-in-error"
+        else:
+            updated["docStatus"] = "amended"
+        updated["description"] = f"{notice} AI: {original}"[:1000]
+        return validated(DocumentReference, updated)
+    updated["status"] = "entered-in-error" if action == "entered-in-error" else "amended"
+    updated["conclusion"] = f"{notice} AI: {original}"
+    updated["text"] = _narrative(updated["conclusion"])
+    return validated(DiagnosticReport, updated)
+
+
 def _original_conclusion(current: dict[str, Any]) -> str:
     """The AI's own conclusion, without an earlier review's prefix (reviews can follow reviews)."""
     text = current.get("conclusion") or current.get("description") or ""
