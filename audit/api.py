@@ -39,6 +39,8 @@ class EventType(str, Enum):
     KEY_CHANGE = "security.key"                  # 110137 Security Alert? (key material)
     AUTH_FAILURE = "security.auth"               # 110114 User Authentication
     JOB_ADMIN = "job.admin"                      # 110100 (retry / purge by an operator)
+    OUTCOME = "outcome.link"                     # 110110 Patient Record (truth recorded / linked to a result)
+    MODEL_RECALL = "model.recall"                # 110113 Security Alert, Use of Restricted Function (an operator recall)
 
 
 @dataclass(frozen=True)

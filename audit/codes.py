@@ -91,6 +91,8 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.KEY_CHANGE: EventCoding(SECURITY_ALERT, SECURITY_CONFIGURATION),
     EventType.AUTH_FAILURE: EventCoding(USER_AUTHENTICATION, LOGIN),
     EventType.JOB_ADMIN: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
+    EventType.OUTCOME: EventCoding(PATIENT_RECORD, None),
+    EventType.MODEL_RECALL: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
 }
 
 # Events that send a patient's data out of the service (accounting of disclosures).

@@ -10,6 +10,9 @@
     dermgate migrate      create / upgrade the database schema
     dermgate verify-model check the model file against its manifest
     dermgate api-token    issue, list or revoke HTTP API bearer tokens
+    dermgate outcomes     import, list and link outcomes (histopathology truth)
+    dermgate monitor      live performance, drift and alarms (report)
+    dermgate model        recall a model version from the PACS and the EHR
 
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory. Only ``serve``, ``demo`` and ``migrate`` may create one (and
@@ -121,9 +124,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 q = q.where(Job.state == JobState(args.state))
             rows = [(j.id, j.state.value, j.attempts, (i.sop_instance_uid or "")[-24:],
                      (j.result or {}).get("top_class", ""), (j.result or {}).get("risk", ""),
+                     f"RECALLED #{j.recall_id}" if j.recall_id else "",
                      j.updated_at.strftime("%Y-%m-%d %H:%M:%S"), (j.last_error or "")[:60])
                     for j, i in s.execute(q.limit(args.limit))]
-            print(_table(rows, ["id", "state", "tries", "sop uid (tail)", "top", "risk", "updated", "last error"]))
+            print(_table(rows, ["id", "state", "tries", "sop uid (tail)", "top", "risk", "recall", "updated",
+                                "last error"]))
             return 0
         ids = args.ids or [j.id for j in s.scalars(select(Job).where(Job.state == JobState.FAILED))]
         n = 0
@@ -390,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
     c.set_defaults(func=cmd_config)
+
+    from dermgate.cli_outcomes import add_commands
+    add_commands(sub, common)
 
     workdir_only = argparse.ArgumentParser(add_help=False)
     workdir_only.add_argument("--workdir", help="work dir (default: $DERMGATE_WORKDIR or the current directory)")

@@ -5,17 +5,18 @@ Tables: ``instances`` (what was received, with the sha256 of its bytes),
 or failed), ``outbox`` (one row per delivery to one channel, written in the
 transaction that records the result), ``reviews`` (clinician decisions),
 ``audit_anchor`` (the audit trail's head, kept outside the trail so a trail cut
-back or deleted no longer matches it).
+back or deleted no longer matches it), ``outcomes`` (the truth for a lesion:
+histopathology, follow-up or consensus) and ``outcome_links`` (which AI results an outcome is the truth for).
 """
 
 from __future__ import annotations
 
 import enum
 import os
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
+from sqlalchemy import (JSON, BigInteger, Boolean, Date, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint, create_engine, event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -76,6 +77,12 @@ class Instance(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     body_site: Mapped[str | None] = mapped_column(String(64))
     calling_ae: Mapped[str] = mapped_column(String(16))
+    # Device and population, for live performance by subgroup (issue 11): from the DICOM header.
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    manufacturer_model_name: Mapped[str | None] = mapped_column(String(64))
+    station_name: Mapped[str | None] = mapped_column(String(16))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_age_years: Mapped[int | None] = mapped_column(Integer)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
@@ -103,6 +110,7 @@ class Job(LeaseMixin, Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None] = mapped_column(TZDateTime())
+    recall_id: Mapped[int | None] = mapped_column(ForeignKey("model_recalls.id"), index=True)  # result recalled
     __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),)
 
 
@@ -147,6 +155,56 @@ class AuditAnchor(Base):
     checkpoint_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class Outcome(Base):
+    """The truth for a lesion, from outside the AI: histopathology, follow-up or consensus.
+
+    ``diagnosis`` is one of the 7 classes, or ``benign`` / ``malignant`` where only that
+    is known. The identifying columns (accession number, Study Instance UID, patient and
+    body site) are what it is linked to AI results by; an outcome that links to nothing
+    stays here, unlinked, for a person to link (``dermgate outcomes link``)."""
+    __tablename__ = "outcomes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)     # PHI
+    body_site: Mapped[str | None] = mapped_column(String(64))
+    diagnosis: Mapped[str] = mapped_column(String(16))
+    malignant: Mapped[bool] = mapped_column(Boolean)
+    outcome_date: Mapped[date] = mapped_column(Date)
+    source: Mapped[str] = mapped_column(String(32))                  # histopathology | follow-up | consensus
+    lab_reference: Mapped[str | None] = mapped_column(String(128))   # the laboratory's report or specimen number
+    fitzpatrick: Mapped[str | None] = mapped_column(String(8))       # I..VI
+    external_ref: Mapped[str] = mapped_column(String(255), unique=True)  # idempotency key (file row, FHIR report)
+    note: Mapped[str | None] = mapped_column(Text)                   # e.g. the pathology conclusion text
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class OutcomeLink(Base):
+    """One outcome is the truth for one AI result (a job). Made automatically or by a person; audited."""
+    __tablename__ = "outcome_links"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    outcome_id: Mapped[int] = mapped_column(ForeignKey("outcomes.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    method: Mapped[str] = mapped_column(String(32))      # accession | study_uid | patient_body_site | manual
+    linked_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    __table_args__ = (UniqueConstraint("outcome_id", "job_id", name="uq_outcome_links_outcome_job"),)
+
+
+class ModelRecall(Base):
+    """A model version recalled by an operator: its results are withdrawn from the PACS (IOCM rejection
+    note) and the EHR (entered-in-error or amended), each step through the outbox."""
+    __tablename__ = "model_recalls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    fhir_action: Mapped[str] = mapped_column(String(32))          # entered-in-error | amended
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    n_results: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def make_engine(url: str) -> Engine:

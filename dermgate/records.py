@@ -25,13 +25,19 @@ class ImageRef:
     modality: str | None
     body_site: str | None                # free text from Anatomic Region Sequence / Body Part Examined
     calling_ae: str
+    # Device and population (issue 11: performance by subgroup); absent in older payloads.
+    manufacturer: str | None = None            # (0008,0070)
+    manufacturer_model_name: str | None = None  # (0008,1090)
+    station_name: str | None = None            # (0008,1010)
+    patient_sex: str | None = None             # (0010,0040) M | F | O
+    patient_age_years: int | None = None       # (0010,1010), else Patient's Birth Date to Study Date
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageRef:
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     @classmethod
     def from_object(cls, obj: object) -> ImageRef:

@@ -115,6 +115,49 @@ class ApiSettings(Section):
     plain_http_behind_tls_proxy: bool = False         # production: allow plain HTTP because an ingress/mesh terminates TLS
 
 
+class FhirPullSettings(Section):
+    """Which EHR reports are pathology outcomes (``dermgate outcomes pull-fhir``): DiagnosticReports of
+    the patients with AI results, searched by category (any of) and, when set, code (any of);
+    each entry is a FHIR token ``system|code``."""
+    categories: list[str] = Field(default_factory=lambda: [
+        "http://terminology.hl7.org/CodeSystem/v2-0074|SP",     # HL7 v2 0074: Surgical Pathology
+        "http://terminology.hl7.org/CodeSystem/v2-0074|PAT",    # Pathology
+        "http://loinc.org|LP7839-6",                            # LOINC part: Pathology (US Core)
+    ])
+    codes: list[str] = Field(default_factory=list)   # e.g. "http://loinc.org|22637-3" (path report final dx)
+    snomed_map: dict[str, str] = Field(default_factory=dict)   # SNOMED CT code -> class, benign or malignant
+    text_map: dict[str, str] = Field(default_factory=dict)     # regular expression -> class, benign or malignant
+    lookback_days: int = 365                          # reports issued at most this long ago
+    source: str = "histopathology"
+
+
+class OutcomeSettings(Section):
+    """Outcomes (the truth for a lesion) and how they link to AI results."""
+    link_window_days: int = 90        # patient + body site: image and outcome at most this many days apart
+    fhir_pull: FhirPullSettings = Field(default_factory=FhirPullSettings)
+
+
+class MonitorSettings(Section):
+    """Live performance against outcomes, and its alarms (``dermgate monitor report``)."""
+    windows_days: list[int] = Field(default_factory=lambda: [30, 90])
+    sensitivity_floor: float = 0.90       # alarm: the 95% lower bound of sensitivity under this
+    max_drop_vs_card: float = 0.05        # alarm: AUC or sensitivity this far under the model card's test figure
+    min_positives: int = 30               # malignant outcomes a window needs for the drop and false-negative alarms
+    floor_min_positives: int = 150        # malignant outcomes a window needs for the sensitivity-floor alarm
+    min_outcomes: int = 100               # linked outcomes a window needs for AUC and calibration alarms
+    alpha: float = 0.01                   # one-sided test level of the false-negative and calibration alarms
+    ece_max_increase: float = 0.05        # alarm: ECE of P(malignant) this far above the model card's
+    age_bands: list[int] = Field(default_factory=lambda: [0, 30, 50, 70])   # lower edges, years
+    psi_alarm: float = 0.25               # drift alarm: population stability index at or above this
+    drift_min_images: int = 200           # images a device needs before its drift alarms count
+    drift_window_days: int = 30
+
+
+class RecallSettings(Section):
+    """``dermgate model recall``: what a recalled result becomes in the EHR."""
+    fhir_action: Literal["entered-in-error", "amended"] = "entered-in-error"   # amended: kept, with the recall notice
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DERMGATE_", env_nested_delimiter="__", extra="forbid")
 
@@ -130,6 +173,9 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     fhir: FhirSettings | None = None
     fhir_bundle_dir: Path | None = None               # also write each FHIR bundle here (demo without an EHR)
+    outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    recall: RecallSettings = Field(default_factory=RecallSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -33,6 +33,7 @@ import structlog
 from inference import postprocess as post
 from inference.cam import grad_cam
 from inference.errors import ImageDecodeError, InvalidInputError, ModelIntegrityError, ModelLoadError
+from inference.ood import image_stats, load_for
 from inference.preprocess import prepare
 from inference.result import CLASSES, ModelInfo, Prediction, Risk
 
@@ -226,6 +227,11 @@ class Engine:
         if {OUTPUT_LOGITS, OUTPUT_FEATURES} - outputs or self._session.get_inputs()[0].name != INPUT_NAME:
             raise ModelLoadError(f"{onnx_path.name} lacks input '{INPUT_NAME}' or outputs "
                                  f"'{OUTPUT_LOGITS}'/'{OUTPUT_FEATURES}' (has {sorted(outputs)})")
+        # Out-of-distribution statistics: a sidecar beside the manifest (models/ood_stats.py), used only
+        # when it was made for exactly this ONNX file; without it results carry no OOD score.
+        self.ood, why = load_for(model_dir, digest)
+        if why:
+            log.warning("inference.ood_disabled", reason=why)
         if warmup:
             self._warm_up()
         log.info("inference.engine_loaded", model=self.manifest.name, version=self.manifest.version,
@@ -307,6 +313,7 @@ class Engine:
         probs = cal.probabilities(logits)
         p_mal = post.malignancy(probs)
         unc = post.normalised_entropy(probs)
+        ood = self.ood.score(feats.mean(axis=(2, 3))) if self.ood is not None else None
         preds = []
         for i, img in enumerate(images):
             reason = post.assess(img)
@@ -319,5 +326,8 @@ class Engine:
                 risk=Risk.NOT_ASSESSABLE if reason else post.risk_level(float(p_mal[i]), cal),
                 uncertainty=float(unc[i]),
                 low_confidence=bool(unc[i] >= cal.low_confidence_threshold),
-                assessable=reason is None, reason=reason, model=self._model_info, cam=cam))
+                assessable=reason is None, reason=reason, model=self._model_info, cam=cam,
+                ood_score=float(ood[i]) if ood is not None else None,
+                out_of_distribution=bool(ood is not None and ood[i] > self.ood.threshold),   # type: ignore[union-attr]
+                image_stats=image_stats(img)))
         return preds

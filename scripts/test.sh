@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them. The README's test command; .ci/run calls it.
 # Needs root (or sudo) for the Debian packages: dcmtk (the modality), orthanc (the PACS),
-# dicom3tools (dciodvfy, IOD validation); Node 20 + npm for the loopback FHIR server;
+# dicom3tools (dciodvfy, IOD validation); prometheus (promtool, alert rules); Node 20 + npm for the loopback FHIR server;
 # PostgreSQL 15 binaries (initdb/pg_ctl) for the PostgreSQL half of the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 need=()
-for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools shellcheck:shellcheck; do
+for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools shellcheck:shellcheck promtool:prometheus; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate import __version__, metrics
 from dermgate.api.deps import RuntimeDep, User, require
+from dermgate.api.outcomes import router as outcomes_router
 from dermgate.app import Runtime
 from dermgate.db import Instance, Job, OutboxItem, OutboxState
 from dermgate.pipeline import queue_depth
@@ -94,6 +95,8 @@ def create_app(rt: Runtime, *, check_model: bool = True, check_ehr: bool = False
                 for ch, st, n in s.execute(select(OutboxItem.channel, OutboxItem.state, func.count())
                                            .group_by(OutboxItem.channel, OutboxItem.state)):
                     metrics.OUTBOX.labels(ch.split(":")[0], st.value).set(n)
+            from dermgate.monitor_metrics import refresh
+            refresh(rt)
         except Exception:  # noqa: BLE001 - metrics still served when the database is down
             pass
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -163,4 +166,5 @@ def create_app(rt: Runtime, *, check_model: bool = True, check_ehr: bool = False
             return [{"id": o.id, "channel": o.channel, "attempts": o.attempts, "last_error": o.last_error}
                     for o in rows]
 
+    app.include_router(outcomes_router)
     return app

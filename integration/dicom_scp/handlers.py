@@ -271,6 +271,25 @@ def _body_site(ds: Dataset) -> str | None:
     return part[:64] if part else None
 
 
+def _clip(value: str | None, n: int) -> str | None:
+    return value[:n] if value else None
+
+
+def age_years(age: str | None, birth_date: str | None, study_date: str | None) -> int | None:
+    """Age in whole years from Patient's Age (AS: 045Y, 006M, 003W, 010D), else from the
+    birth date to the study date; None when neither is usable (never a refusal)."""
+    if age and len(age) == 4 and age[:3].isdigit() and age[3] in "YMWD":
+        n = int(age[:3])
+        return {"Y": n, "M": n // 12, "W": n // 52, "D": n // 365}[age[3]]
+    if birth_date and study_date and len(birth_date) == 8 and len(study_date) == 8 \
+            and birth_date.isdigit() and study_date.isdigit():
+        b, s = (int(birth_date[:4]), int(birth_date[4:6]), int(birth_date[6:])), \
+            (int(study_date[:4]), int(study_date[4:6]), int(study_date[6:]))
+        years = s[0] - b[0] - ((s[1], s[2]) < (b[1], b[2]))
+        return years if 0 <= years < 150 else None
+    return None
+
+
 def image_ref(ds: Dataset, calling_ae: str) -> ImageRef:
     """The header fields the service keeps; refuses objects without the identifiers it needs."""
     try:
@@ -287,6 +306,12 @@ def image_ref(ds: Dataset, calling_ae: str) -> ImageRef:
             modality=_text(ds, "Modality"),
             body_site=_body_site(ds),
             calling_ae=calling_ae,
+            manufacturer=_clip(_text(ds, "Manufacturer"), 64),
+            manufacturer_model_name=_clip(_text(ds, "ManufacturerModelName"), 64),
+            station_name=_clip(_text(ds, "StationName"), 16),
+            patient_sex=_clip(_text(ds, "PatientSex"), 16),
+            patient_age_years=age_years(_text(ds, "PatientAge"), _text(ds, "PatientBirthDate"),
+                                        _text(ds, "StudyDate")),
         )
     except Refusal:
         raise

@@ -400,12 +400,18 @@ def _measurement_groups(source: Dataset, prediction: Prediction) -> list[hd.sr.M
     if prediction.assessable:
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=uids.LOW_CONFIDENCE, value=uids.YES if prediction.low_confidence else uids.NO))
+        if prediction.ood_score is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                name=uids.OUT_OF_DISTRIBUTION, value=uids.YES if prediction.out_of_distribution else uids.NO))
         measurements = [
             hd.sr.Measurement(name=uids.PROBABILITY_OF_CANCER, value=_percent(prediction.malignancy_probability),
                               unit=uids.UNIT_PERCENT),
             hd.sr.Measurement(name=uids.UNCERTAINTY, value=round(float(prediction.uncertainty), 4),
                               unit=uids.UNIT_NONE),
         ]
+        if prediction.ood_score is not None:
+            measurements.append(hd.sr.Measurement(name=uids.OOD_SCORE, value=round(float(prediction.ood_score), 4),
+                                                  unit=uids.UNIT_NONE))
     groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking("summary"),
         finding_type=uids.FINDING_CODES[prediction.top_class] if prediction.assessable else None,

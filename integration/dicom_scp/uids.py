@@ -91,6 +91,8 @@ RISK_CATEGORY: Final = Code("RISK-CATEGORY", LOCAL, "Malignancy risk category")
 NOT_ASSESSABLE: Final = Code("NOT-ASSESSABLE", LOCAL, "Not assessable by the algorithm")
 UNCERTAINTY: Final = Code("UNCERTAINTY", LOCAL, "Normalized entropy of class probabilities")
 LOW_CONFIDENCE: Final = Code("LOW-CONFIDENCE", LOCAL, "Low confidence result")
+OUT_OF_DISTRIBUTION: Final = Code("OUT-OF-DISTRIBUTION", LOCAL, "Image outside the training distribution")
+OOD_SCORE: Final = Code("OOD-SCORE", LOCAL, "Distance to the training feature distribution")
 NOT_ASSESSABLE_REASON: Final = Code("NA-REASON", LOCAL, "Reason not assessable")
 DISCLAIMER_TEXT: Final = Code("DISCLAIMER", LOCAL, "Decision support disclaimer")
 

@@ -50,9 +50,11 @@ from integration.fhir.resources import (
     Review,
     add_placeholder_patient,
     build_report_bundle,
+    build_recall_update,
     build_review_update,
     link_imaging_study,
     replace_reference,
+    recall_applied,
     review_applied,
 )
 from integration.fhir.settings import FhirSettings, MultipleMatchPolicy, NoMatchPolicy
@@ -63,6 +65,7 @@ CHANNEL_NAME = "fhir"
 PAYLOAD_VERSION = 1
 KIND_REPORT = "report"
 KIND_REVIEW = "review"
+KIND_RECALL = "recall"
 ACTOR = "dermgate"
 # Requests one delivery may make: token (and its renewal after a 401), Patient search, ImagingStudy
 # search, then the transaction; sequential profiles create the Device and Observations one by one.
@@ -96,6 +99,14 @@ def prepare_report_payload(image: ImageRef, prediction: Prediction, cam_png: byt
     return {"kind": KIND_REPORT, "version": PAYLOAD_VERSION, "business_key": report_business_key(image),
             "profile": profile.name.value, "results": profile.results.value,
             "image": image.to_json(), "bundle": bundle}
+
+
+def prepare_recall_payload(image: ImageRef, recall: dict[str, Any], settings: FhirSettings) -> dict[str, Any]:
+    """The outbox payload that withdraws a recalled model's report (recall: id, version, reason, action)."""
+    report = effective_profile(settings).report.value
+    return {"kind": KIND_RECALL, "version": PAYLOAD_VERSION,
+            "business_key": f"{image.sop_instance_uid}:recall:{recall['id']}", "profile": settings.profile.value,
+            "report_type": report, "image": image.to_json(), "recall": recall}
 
 
 def prepare_review_payload(image: ImageRef, review: Review, settings: FhirSettings) -> dict[str, Any]:
@@ -158,6 +169,8 @@ class FhirChannel:
                 ref = self._deliver_review(payload, detail)
             elif payload.get("kind") == KIND_REPORT:
                 ref = self._deliver_report(payload, detail)
+            elif payload.get("kind") == KIND_RECALL:
+                ref = self._deliver_recall(payload, detail)
             else:
                 raise FhirRejected(f"unknown payload kind {payload.get('kind')!r}")
             outcome = DeliveryOutcome(ok=True, remote_ref=ref)
@@ -218,6 +231,39 @@ class FhirChannel:
         if version is None:
             raise FhirRejected(f"the EHR gives no version for {rtype}; a versioned update is impossible")
         self.client.update(build_review_update(current, review, self.settings), version)
+        return ref
+
+    def _deliver_recall(self, payload: dict[str, Any], detail: dict[str, Any]) -> str:
+        """A recalled model's report: ``entered-in-error`` (its Observations too) or ``amended`` with the
+        reason, by a versioned update; a recall tag makes a repeated delivery a no-op."""
+        image = ImageRef.from_json(payload["image"])
+        recall = payload["recall"]
+        rtype = payload["report_type"]
+        detail.update(recall_id=recall["id"], action=recall["action"])
+        matches = self.client.search_identifier(rtype, self.settings.system("report"), image.sop_instance_uid)
+        if not matches:
+            raise ReportNotYetDelivered(f"no {rtype} for this image on the EHR yet")
+        if len(matches) > 1:
+            raise FhirRejected(f"{len(matches)} {rtype} resources carry this image's identifier")
+        current = matches[0]
+        ref = f"{rtype}/{current['id']}"
+        detail["remote_ref"] = ref
+        if recall_applied(current, str(recall["id"]), self.settings):
+            detail["already_applied"] = True
+            return ref
+        if recall["action"] == "entered-in-error":
+            for res_ref in current.get("result", []):       # the report's Observations, when not contained
+                target = (res_ref.get("reference") or "").split("/")
+                if len(target) == 2 and target[0] == "Observation":
+                    obs, version = self.client.read(*target)
+                    if obs.get("status") != "entered-in-error" and version is not None:
+                        self.client.update({**obs, "status": "entered-in-error"}, version)
+        version = current.get("meta", {}).get("versionId")
+        if version is None:
+            current, version = self.client.read(rtype, current["id"])
+        if version is None:
+            raise FhirRejected(f"the EHR gives no version for {rtype}; a versioned update is impossible")
+        self.client.update(build_recall_update(current, recall, self.settings), version)
         return ref
 
     # ---- patient and study lookup ---------------------------------------------------------------

@@ -100,6 +100,19 @@ class FhirClient:
         return [e["resource"] for e in bundle.get("entry", [])
                 if "resource" in e and e.get("search", {}).get("mode", "match") == "match"]
 
+    def search_all(self, resource_type: str, params: Mapping[str, str], max_pages: int = 50) -> list[dict[str, Any]]:
+        """Search and follow the Bundle's ``next`` links (at most ``max_pages`` pages); the matches only."""
+        out: list[dict[str, Any]] = []
+        bundle = self._send("GET", resource_type, params=params).json()
+        for _ in range(max_pages):
+            out += [e["resource"] for e in bundle.get("entry", [])
+                    if "resource" in e and e.get("search", {}).get("mode", "match") == "match"]
+            nxt = next((lk.get("url") for lk in bundle.get("link", []) if lk.get("relation") == "next"), None)
+            if not nxt:
+                break
+            bundle = self._send("GET", nxt).json()
+        return out
+
     def search_identifier(self, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
         return self.search(resource_type, {"identifier": f"{system}|{value}"})
 

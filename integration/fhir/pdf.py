@@ -106,6 +106,8 @@ def _findings_text(image: ImageRef, p: Prediction, issued: datetime) -> str:
         f"Confidence        : {'LOW - interpret with particular care' if p.low_confidence else 'normal'}"
         f"  (uncertainty {p.uncertainty:.2f})",
     ]
+    if p.out_of_distribution:
+        lines.append("Distribution      : OUTSIDE the training distribution - interpret with particular care")
     return "\n".join(lines)
 
 

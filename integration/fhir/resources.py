@@ -73,6 +73,8 @@ class LocalCode(str, Enum):
     PREDICTED_CLASS = "predicted-class"
     RISK_CATEGORY = "risk-category"
     LOW_CONFIDENCE = "low-confidence"
+    OUT_OF_DISTRIBUTION = "out-of-distribution"
+    OOD_SCORE = "ood-score"
     UNCERTAINTY = "uncertainty"
     METHOD = "ai-dermoscopy-classification"
 
@@ -83,6 +85,8 @@ LOCAL_DISPLAY = {
     LocalCode.PREDICTED_CLASS: "AI predicted lesion class",
     LocalCode.RISK_CATEGORY: "AI risk category",
     LocalCode.LOW_CONFIDENCE: "AI result has low confidence",
+    LocalCode.OUT_OF_DISTRIBUTION: "Image outside the AI's training distribution",
+    LocalCode.OOD_SCORE: "AI out-of-distribution score (distance to the training features)",
     LocalCode.UNCERTAINTY: "AI uncertainty (normalised entropy)",
     LocalCode.METHOD: "AI classification of a dermoscopic image",
 }
@@ -308,8 +312,18 @@ def build_observations(ctx: _Context, ids: dict[str, str | None] | None = None) 
         ctx, "low-confidence", LocalCode.LOW_CONFIDENCE, {"valueBoolean": p.low_confidence},
         ids.get("low-confidence"),
         component=[{"code": local_concept(LocalCode.UNCERTAINTY),
-                    "valueQuantity": {"value": round(p.uncertainty, 4), "unit": "1", "system": UCUM, "code": "1"}}])
+                    "valueQuantity": {"value": round(p.uncertainty, 4), "unit": "1", "system": UCUM, "code": "1"}},
+                   *ood_components(p)])
     return out
+
+
+def ood_components(p: Prediction) -> list[dict[str, Any]]:
+    """The out-of-distribution flag and score, beside the low-confidence flag (none without OOD statistics)."""
+    if p.ood_score is None:
+        return []
+    return [{"code": local_concept(LocalCode.OUT_OF_DISTRIBUTION), "valueBoolean": p.out_of_distribution},
+            {"code": local_concept(LocalCode.OOD_SCORE),
+             "valueQuantity": {"value": round(p.ood_score, 4), "unit": "1", "system": UCUM, "code": "1"}}]
 
 
 def conclusion_text(prediction: Prediction) -> str:
@@ -324,6 +338,8 @@ def conclusion_text(prediction: Prediction) -> str:
              ]
     if p.low_confidence:
         parts.append("Low confidence: interpret with particular care.")
+    if p.out_of_distribution:
+        parts.append("Image outside the training distribution: interpret with particular care.")
     parts.append(DISCLAIMER)
     return " ".join(parts)
 
@@ -541,6 +557,37 @@ def build_review_update(current: dict[str, Any], review: Review, settings: FhirS
     updated["text"] = _narrative(updated["conclusion"])
     if not confirm and review.diagnosis in CLASSES:
         updated["conclusionCode"] = [class_concept(review.diagnosis, settings)]
+    return validated(DiagnosticReport, updated)
+
+
+def recall_applied(current: dict[str, Any], recall_id: str, settings: FhirSettings) -> bool:
+    return any(t.get("system") == settings.system("recall") and t.get("code") == recall_id
+               for t in current.get("meta", {}).get("tag", []))
+
+
+def build_recall_update(current: dict[str, Any], recall: dict[str, Any], settings: FhirSettings) -> dict[str, Any]:
+    """The report of a recalled model version, for a versioned update: ``entered-in-error`` (the EHR
+    hides or flags it as never valid), or ``amended`` with the recall notice before the AI's conclusion."""
+    updated = copy.deepcopy(current)
+    action = recall["action"]
+    notice = (f"RECALLED: the AI model version {recall['model_version']} that produced this result was recalled "
+              f"on {recall['recalled_at']}. Reason: {recall['reason']}. Do not use this result.")
+    meta = updated.setdefault("meta", {})
+    tags = [t for t in meta.get("tag", []) if t.get("system") != settings.system("recall")]
+    tags.append(coding(settings.system("recall"), str(recall["id"]), f"model recall ({action})"))
+    meta["tag"] = tags
+    original = _original_conclusion(current)
+    if updated.get("resourceType") == "DocumentReference":
+        if action == "entered-in-error":
+            updated["status"] = "entered-in-error"
+            updated["docStatus"] = "entered-in-error"
+        else:
+            updated["docStatus"] = "amended"
+        updated["description"] = f"{notice} AI: {original}"[:1000]
+        return validated(DocumentReference, updated)
+    updated["status"] = "entered-in-error" if action == "entered-in-error" else "amended"
+    updated["conclusion"] = f"{notice} AI: {original}"
+    updated["text"] = _narrative(updated["conclusion"])
     return validated(DiagnosticReport, updated)
 
 

@@ -73,6 +73,8 @@ def sample(annotation: Any, default: Any) -> tuple[str, Any] | None:
         return '{"k": "v"}', {"k": "v"}
     if origin is list and typing.get_args(inner) == (str,):
         return '["192.0.2.1"]', ["192.0.2.1"]
+    if origin is list and typing.get_args(inner) == (int,):
+        return "[7, 17]", [7, 17]
     if getattr(inner, "__name__", "") in ("HttpUrl", "AnyUrl", "AnyHttpUrl"):
         return "https://ehr.example.org/fhir", "https://ehr.example.org/fhir"
     return None
