@@ -1,7 +1,7 @@
 """Outcomes (the truth for a lesion) and their links to AI results; device and population columns.
 
 Revision ID: 0002_i11_outcomes
-Revises: 0001
+Revises: 0002_i12a
 Create Date: 2026-12-02
 
 ``instances`` gains the DICOM header fields that live performance is broken
