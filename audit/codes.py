@@ -81,8 +81,6 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.ECHO: EventCoding(APPLICATION_ACTIVITY, None),
     EventType.STORE_RECEIVED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_DESTINATION, ROLE_SOURCE),
     EventType.CLASSIFIED: EventCoding(PATIENT_RECORD, None),
-    EventType.FORWARDED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_SOURCE, ROLE_DESTINATION, True),
-    EventType.FHIR_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
     EventType.REVIEW: EventCoding(PATIENT_RECORD, None),
     EventType.API_ACCESS: EventCoding(PATIENT_RECORD, None, ROLE_DESTINATION, client_from_source=True),
     EventType.AUDIT_QUERY: EventCoding(QUERY, None, ROLE_DESTINATION, client_from_source=True),
@@ -93,9 +91,23 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.JOB_ADMIN: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
 }
 
-# Events that send a patient's data out of the service (accounting of disclosures).
-DISCLOSURE_EVENTS = frozenset({EventType.FORWARDED, EventType.FHIR_DELIVERY, EventType.AUDIT_EXPORT,
-                               EventType.API_ACCESS})
+
+def _delivery_codes() -> tuple[dict[EventType, EventCoding], frozenset[EventType]]:
+    """Each delivery channel's audit coding and disclosure class, from the one table of channels
+    (dermgate/channels.py): dermgate is the source, the channel's peer the destination."""
+    from dermgate.channels import delivery_audit_codes, disclosure_events
+    ids = {INSTANCES_TRANSFERRED.code: INSTANCES_TRANSFERRED, EXPORT.code: EXPORT}
+    codes = {event: EventCoding(ids[event_id], None, ROLE_SOURCE, ROLE_DESTINATION, True)
+             for event, event_id in delivery_audit_codes().items()}
+    return codes, disclosure_events()
+
+
+_CHANNEL_CODES, _CHANNEL_DISCLOSURES = _delivery_codes()
+EVENT_CODES.update(_CHANNEL_CODES)
+
+# Events that send a patient's data out of the service (accounting of disclosures): the
+# delivery channels that disclose, the audit export and API reads.
+DISCLOSURE_EVENTS = frozenset({EventType.AUDIT_EXPORT, EventType.API_ACCESS}) | _CHANNEL_DISCLOSURES
 
 
 def coding_for(event: EventType) -> EventCoding:

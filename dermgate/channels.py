@@ -1,15 +1,30 @@
-"""Delivery wiring: which channels exist and what each one is sent for a finished result.
+"""Delivery channels: one table, one entry per kind of channel.
 
 A *planner* turns a result into an outbox payload (stored in the transaction
-that records the result); a *channel* delivers a payload. Both are built here
-from the settings, so the pipeline knows neither DICOM networking nor HTTP.
+that records the result); a *channel* delivers a payload. Every kind of channel
+is one :class:`ChannelSpec` in :data:`CHANNELS`, which says everything the rest
+of the service needs to know about it:
+
+    kind            prefix of its outbox channel names ("dicom:pacs", "fhir", "hl7v2")
+    section         the settings section that switches it on
+    wire            settings -> (name, channel factory, planner) for each destination
+    reviews         whether clinician reviews are sent through it (planner.plan_review)
+    audit_event     the audit event its deliveries record, and its DICOM event id
+                    (110104 DICOM Instances Transferred or 110106 Export)
+    disclosure      whether its deliveries count in the accounting of disclosures
+
+The audit package reads :func:`delivery_audit_codes` and :func:`disclosure_events`
+from here, so a new channel cannot be forgotten in the audit codes or the
+disclosure accounting. The pipeline knows neither DICOM networking nor HTTP.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from audit.api import EventType
 from dermgate.records import Channel, ImageRef, Outputs
 from dermgate.store import ObjectStore
 from inference.result import Prediction
@@ -17,6 +32,31 @@ from inference.result import Prediction
 if TYPE_CHECKING:
     from dermgate.app import Runtime
 
+INSTANCES_TRANSFERRED = "110104"     # DCM: DICOM Instances Transferred
+EXPORT = "110106"                    # DCM: Export
+
+
+@dataclass(frozen=True)
+class Wired:
+    """One configured destination of a channel kind."""
+    name: str                                  # the outbox channel name
+    make_channel: Callable[[], Channel]        # built only by processes that deliver
+    planner: Any                               # Planner; with plan_review when its spec reviews
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    kind: str
+    section: str
+    wire: Callable[[Runtime], list[Wired]]
+    reviews: bool
+    audit_event: EventType
+    audit_event_id: str
+    disclosure: bool
+    description: str
+
+
+# ---- DICOM forward -------------------------------------------------------------------------------
 
 @dataclass
 class DicomForwardPlanner:
@@ -28,31 +68,40 @@ class DicomForwardPlanner:
         return {"files": [outputs.sc_path, outputs.sr_path], "study_instance_uid": image.study_instance_uid}
 
 
-def build_channels(rt: Runtime) -> dict[str, Channel]:
-    from integration.dicom_scp.forward import DicomForwardChannel, client_tls_context
+def _wire_dicom(rt: Runtime) -> list[Wired]:
     s = rt.settings
-    channels: dict[str, Channel] = {}
+    out = []
     for d in s.dicom.destinations:
-        tls = None
-        if d.tls:
-            t = s.dicom.tls
-            if t.ca_file is None:
-                raise ValueError(f"destination {d.name} uses TLS: set dicom.tls.ca_file to verify the PACS")
-            tls = client_tls_context(t.ca_file, t.cert_file, t.key_file)
-        ch = DicomForwardChannel(d.name, d.ae_title, d.host, d.port, calling_ae_title=s.dicom.ae_title,
-                                 tls=tls, base_dir=s.store_dir, audit=rt.audit)
-        channels[ch.name] = ch
-    channels.update(_fhir_channels(rt))
-    return channels
+        def make(d: Any = d) -> Channel:
+            from integration.dicom_scp.forward import DicomForwardChannel, client_tls_context
+            tls = None
+            if d.tls:
+                t = s.dicom.tls
+                if t.ca_file is None:
+                    raise ValueError(f"destination {d.name} uses TLS: set dicom.tls.ca_file to verify the PACS")
+                tls = client_tls_context(t.ca_file, t.cert_file, t.key_file)
+            return DicomForwardChannel(d.name, d.ae_title, d.host, d.port, calling_ae_title=s.dicom.ae_title,
+                                       tls=tls, base_dir=s.store_dir, audit=rt.audit)
+        out.append(Wired(f"dicom:{d.name}", make, DicomForwardPlanner(f"dicom:{d.name}")))
+    return out
 
 
-def build_planners(rt: Runtime) -> list[Any]:
-    planners: list[Any] = [DicomForwardPlanner(f"dicom:{d.name}") for d in rt.settings.dicom.destinations]
-    planners.extend(_fhir_planners(rt))
-    return planners
+# ---- FHIR ---------------------------------------------------------------------------------------
 
-
+FHIR_CHANNEL = "fhir"
 FHIR_FILE_CHANNEL = "fhir-file"
+
+
+def _thresholds(rt: Runtime) -> Callable[[], Any]:
+    """The model's risk cut-offs, read from the classifier the worker has loaded anyway."""
+    def read() -> Any:
+        from integration.fhir.resources import Thresholds
+        try:
+            cal = rt.classifier.calibration
+            return Thresholds(referral=float(cal.referral_threshold), high=float(cal.high_risk_threshold))
+        except Exception:  # noqa: BLE001 - no model here: the report goes without the thresholds
+            return None
+    return read
 
 
 @dataclass
@@ -60,13 +109,14 @@ class FhirPlanner:
     """The FHIR report (and later review updates) for one image, prepared in the worker."""
     channel: str
     settings: Any   # FhirSettings
+    thresholds: Callable[[], Any] | None = None
 
     def plan(self, image: ImageRef, prediction: Prediction, outputs: Outputs,
              store: ObjectStore) -> dict[str, Any] | None:
-        from integration.fhir.channel import prepare_report_payload
         from dermgate.db import utcnow
+        from integration.fhir.channel import prepare_report_payload
         return prepare_report_payload(image, prediction, store.read(outputs.cam_png_path), self.settings,
-                                      issued=utcnow())
+                                      issued=utcnow(), thresholds=self.thresholds() if self.thresholds else None)
 
     def plan_review(self, image: ImageRef, review: Any) -> dict[str, Any]:
         from integration.fhir.channel import prepare_review_payload
@@ -100,26 +150,97 @@ def _fhir_settings(rt: Runtime) -> Any:
     return rt.settings.fhir or FhirSettings()
 
 
-def _fhir_channels(rt: Runtime) -> dict[str, Channel]:
-    out: dict[str, Channel] = {}
+def _wire_fhir(rt: Runtime) -> list[Wired]:
     fhir = rt.settings.fhir
-    if fhir is not None and fhir.base_url:
+    if fhir is None or not fhir.base_url:
+        return []
+
+    def make() -> Channel:
         from integration.fhir.channel import FhirChannel
-        out["fhir"] = FhirChannel.from_settings(fhir, rt.audit)
-    if rt.settings.fhir_bundle_dir is not None:
-        out[FHIR_FILE_CHANNEL] = BundleDirectoryChannel(rt.settings.fhir_bundle_dir)
-    return out
+        return FhirChannel.from_settings(fhir, rt.audit)
+    return [Wired(FHIR_CHANNEL, make, FhirPlanner(FHIR_CHANNEL, fhir, _thresholds(rt)))]
 
 
-def _fhir_planners(rt: Runtime) -> list[Any]:
-    fhir = rt.settings.fhir
-    planners: list[Any] = []
-    if fhir is not None and fhir.base_url:
-        planners.append(FhirPlanner("fhir", fhir))
-    if rt.settings.fhir_bundle_dir is not None:
-        planners.append(FhirPlanner(FHIR_FILE_CHANNEL, _fhir_settings(rt)))
-    return planners
+def _wire_fhir_file(rt: Runtime) -> list[Wired]:
+    folder = rt.settings.fhir_bundle_dir
+    if folder is None:
+        return []
+    return [Wired(FHIR_FILE_CHANNEL, lambda: BundleDirectoryChannel(folder),
+                  FhirPlanner(FHIR_FILE_CHANNEL, _fhir_settings(rt), _thresholds(rt)))]
 
+
+# ---- HL7 v2 -------------------------------------------------------------------------------------
+
+HL7_CHANNEL = "hl7v2"
+
+
+def _wire_hl7(rt: Runtime) -> list[Wired]:
+    hl7 = rt.settings.hl7
+    if hl7 is None or not hl7.host:
+        return []
+    from integration.hl7v2.channel import Hl7Planner
+
+    def make() -> Channel:
+        from integration.hl7v2.channel import MllpChannel
+        return MllpChannel(hl7, rt.audit)
+    return [Wired(HL7_CHANNEL, make, Hl7Planner(HL7_CHANNEL, hl7, rt.settings.fhir, _thresholds(rt)))]
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+CHANNELS: tuple[ChannelSpec, ...] = (
+    ChannelSpec("dicom", "dicom.destinations", _wire_dicom, reviews=False, audit_event=EventType.FORWARDED,
+                audit_event_id=INSTANCES_TRANSFERRED, disclosure=True,
+                description="C-STORE of the Grad-CAM SC and the AI-result SR to a PACS"),
+    ChannelSpec(FHIR_CHANNEL, "fhir", _wire_fhir, reviews=True, audit_event=EventType.FHIR_DELIVERY,
+                audit_event_id=EXPORT, disclosure=True,
+                description="FHIR R4 report to the EHR (profile generic-r4, epic or oracle-health)"),
+    ChannelSpec(FHIR_FILE_CHANNEL, "fhir_bundle_dir", _wire_fhir_file, reviews=True,
+                audit_event=EventType.FHIR_DELIVERY, audit_event_id=EXPORT, disclosure=False,
+                description="the FHIR bundles as files in a local folder (demo without an EHR)"),
+    ChannelSpec(HL7_CHANNEL, "hl7", _wire_hl7, reviews=False, audit_event=EventType.HL7_DELIVERY,
+                audit_event_id=EXPORT, disclosure=True,
+                description="HL7 v2.5.1 ORU^R01 over MLLP to the interface engine"),
+)
+
+
+def spec_for(channel_name: str) -> ChannelSpec:
+    """The spec of an outbox channel name ("dicom:pacs" -> the dicom spec)."""
+    kind = channel_name.split(":", 1)[0]
+    for spec in CHANNELS:
+        if spec.kind == kind:
+            return spec
+    raise KeyError(f"no channel kind {kind!r}")
+
+
+def wiring(rt: Runtime) -> list[tuple[ChannelSpec, Wired]]:
+    return [(spec, wired) for spec in CHANNELS for wired in spec.wire(rt)]
+
+
+def build_channels(rt: Runtime) -> dict[str, Channel]:
+    return {wired.name: wired.make_channel() for _, wired in wiring(rt)}
+
+
+def build_planners(rt: Runtime) -> list[Any]:
+    return [wired.planner for _, wired in wiring(rt)]
+
+
+def review_planners(rt: Runtime) -> list[Any]:
+    """The planners that send clinician reviews (their specs say ``reviews``)."""
+    return [p for p in rt.planners if spec_for(p.channel).reviews]
+
+
+def delivery_audit_codes() -> dict[EventType, str]:
+    """Audit event -> DCM event id, for every channel kind (read by audit/codes.py)."""
+    return {spec.audit_event: spec.audit_event_id for spec in CHANNELS}
+
+
+def disclosure_events() -> frozenset[EventType]:
+    """The channels' audit events that disclose patient data (read by audit/codes.py)."""
+    return frozenset(spec.audit_event for spec in CHANNELS if spec.disclosure)
+
+
+# ---- FHIR helpers for the API ---------------------------------------------------------------------
 
 def public_jwks(rt: Runtime) -> dict[str, Any]:
     """The JWK Set of our SMART client key (public parts only), served for the EHR."""

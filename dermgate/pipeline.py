@@ -85,8 +85,9 @@ class Loaded:
 
 def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
     """Stage 1: read the stored object back (it was fsynced before Success was answered)."""
+    from integration.dicom_scp.context import with_context
     ds = pydicom.dcmread(BytesIO(store.read(inst.path)))
-    return Loaded(job.id, job.correlation_id, ImageRef.from_object(inst), ds)
+    return Loaded(job.id, job.correlation_id, with_context(ImageRef.from_object(inst), ds), ds)
 
 
 def classify(loaded: list[Loaded], classifier: Classifier) -> list[Prediction]:

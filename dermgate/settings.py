@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from integration.fhir.settings import FhirSettings
+from integration.hl7v2.settings import Hl7Settings
 
 
 class Section(BaseModel):
@@ -121,6 +122,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     fhir: FhirSettings | None = None
     fhir_bundle_dir: Path | None = None               # also write each FHIR bundle here (demo without an EHR)
+    hl7: Hl7Settings | None = None                    # HL7 v2 ORU^R01 over MLLP (docs/hl7v2.md)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
