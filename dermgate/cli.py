@@ -138,6 +138,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             items = list(s.scalars(q))
             for o in items:
                 o.state, o.attempts, o.next_attempt_at = OutboxState.PENDING, 0, utcnow()
+            s.flush()
+            _reopen_jobs(s, {o.job_id for o in items if o.job_id is not None})
             detail = {"retry": [o.id for o in items][:100], "count": len(items)}
         else:  # purge: delivered rows older than --older-than-days (payloads hold PHI)
             cutoff = utcnow() - timedelta(days=args.older_than_days)
@@ -149,6 +151,19 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                                detail={"outbox": args.action, **detail}))
     print(detail)
     return 0
+
+
+def _reopen_jobs(s, job_ids: set[int]) -> None:  # noqa: ANN001 - a Session
+    """A job that failed only in delivery goes back to ``rendered`` once none of its deliveries is
+    dead any more, so the dispatcher marks it ``delivered`` when the retried ones succeed."""
+    from sqlalchemy import func, select
+
+    from dermgate.db import Job, JobState, OutboxItem, OutboxState
+    for job in s.scalars(select(Job).where(Job.id.in_(job_ids), Job.state == JobState.FAILED)):
+        dead = s.scalar(select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.job_id == job.id, OutboxItem.state == OutboxState.DEAD))
+        if dead == 0 and job.outputs is not None:
+            job.state, job.last_error = JobState.RENDERED, None
 
 
 # ---- review -----------------------------------------------------------------------------------
