@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("api-token", parents=[common], help="issue, list or revoke HTTP API bearer tokens")
     t.add_argument("action", choices=["add", "list", "revoke"])
     t.add_argument("--name", help="the person or system the token is for")
-    t.add_argument("--role", default="clinician", help="clinician, compliance or operator")
+    t.add_argument("--role", default="clinician", help="clinician, compliance, operator or modality (STOW-RS)")
     t.set_defaults(func=cmd_api_token)
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
