@@ -157,3 +157,20 @@ def test_stow_needs_a_modality_token_and_a_dicom_multipart_body(service: Any) ->
     none = httpx.post(f"{url}/studies", content=only_bad, headers={"Content-Type": ct,
                                                                    "Authorization": f"Bearer {TOKEN}"})
     assert none.status_code == 409
+
+
+def test_orthanc_dicomweb_plugin_stows_a_study_that_becomes_delivered_jobs(service: Any, tmp_path: Path) -> None:
+    """Orthanc (Debian's orthanc-dicomweb) as the sending archive: its STOW-RS client, our server."""
+    from tests.peers.orthanc import dicomweb_client_config, run_orthanc
+    rt, url = service
+    extra = dicomweb_client_config({"dermgate": {"Url": url + "/",
+                                                 "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}})
+    sent = datasets(2)
+    with run_orthanc(tmp_path / "orthanc", extra=extra) as orthanc, orthanc.client() as c:
+        ids = [c.post("/instances", content=part10(ds)).raise_for_status().json()["ID"] for ds in sent]
+        r = c.post("/dicom-web/servers/dermgate/stow", json={"Resources": ids, "Synchronous": True}, timeout=60)
+        assert r.status_code == 200, r.text
+    states = wait_jobs(rt, {str(ds.SOPInstanceUID) for ds in sent})
+    assert set(states.values()) == {JobState.DELIVERED}
+    received = [r.event for r in rt.audit.events() if r.event.event is EventType.STORE_RECEIVED]
+    assert len(received) == 2 and all(e.outcome.value == "0" for e in received)
