@@ -131,6 +131,10 @@ def store_parts(rt: Any, user: User, host: str | None, study: str | None,
             outcome = StoreOutcome(st.CANNOT_UNDERSTAND, f"part of type {content_type} is not application/dicom")
         else:
             def same_study(image: Any) -> None:
+                from integration.dicom_scp.uids import SCP_STORAGE_SOP_CLASSES
+                if image.sop_class_uid not in {str(u) for u in SCP_STORAGE_SOP_CLASSES}:
+                    raise Refusal(st.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                  "SOP Class not accepted (the storage SOP classes of the conformance statement)")
                 if study and image.study_instance_uid != study:
                     raise Refusal(st.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                   "Study Instance UID differs from the study in the URL")

@@ -5,7 +5,9 @@ result: it builds the whole transaction Bundle (PDF included) with a
 placeholder subject, so the stored payload is exactly what will be sent.
 ``deliver`` runs in the outbox dispatcher, as often as it takes: it finds the
 patient (at delivery time: the EHR may learn of the patient later), links the
-EHR's ImagingStudy when there is one, and sends. Conditional creates on
+EHR's ImagingStudy, Encounter and ServiceRequest when it has them, and sends.
+Conditional creates (generic-r4) or searches by patient before each create (the
+vendor profiles, as Epic and Millennium document their searches) on
 SOP-Instance-derived identifiers make repeated deliveries harmless.
 
 Outcome mapping (the dispatcher computes back-off from it):
@@ -16,6 +18,7 @@ Outcome mapping (the dispatcher computes back-off from it):
     409 / 412 (version conflict)          retryable (re-read next time)
     4xx with OperationOutcome             dead letter (retryable=False) with the issues as reason
     patient not found / ambiguous         per policy: dead letter, or retry
+    review of a withdrawn report          dead letter (ReportWithdrawn: entered-in-error / cancelled)
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from integration.fhir.errors import (
     ReportNotYetDelivered,
 )
 from integration.fhir.pdf import render_report_pdf
-from integration.fhir.profiles import DeviceMode, Profile, ReportResource, ResultsMode, SearchStyle, Transport, get_profile
+from integration.fhir.profiles import Profile, ResultsMode, SearchStyle, Transport, get_profile
 from integration.fhir.resources import (
     DICOM_UID,
     OBSERVATION_CATEGORY,
@@ -211,7 +214,7 @@ class FhirChannel:
             ref = resolved[report_url]
         detail["remote_ref"] = ref
         if self.settings.send_provenance if self.settings.send_provenance is not None else profile.provenance:
-            detail["provenance"] = self._provenance(bundle, resolved, ref, payload)
+            detail["provenance"] = self._provenance(bundle, resolved, ref)
         return ref
 
     # ---- vendor searches: by patient (plus category), matched on the business identifier here
@@ -273,8 +276,7 @@ class FhirChannel:
                     break
         return list(dict.fromkeys(refs))
 
-    def _provenance(self, bundle: dict[str, Any], resolved: dict[str, str], report_ref: str,
-                    payload: dict[str, Any]) -> str | None:
+    def _provenance(self, bundle: dict[str, Any], resolved: dict[str, str], report_ref: str) -> str | None:
         """One Provenance per report (agent: the model Device), found by target before it is created."""
         device = next((resolved.get(e["fullUrl"]) for e in bundle["entry"]
                        if e["resource"]["resourceType"] == "Device"), None)
