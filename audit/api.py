@@ -31,6 +31,7 @@ class EventType(str, Enum):
     CLASSIFIED = "inference.classified"          # 110100 / 110110 Patient Record (created)
     FORWARDED = "dicom.forward"                  # 110104 (Destination)
     FHIR_DELIVERY = "fhir.delivery"              # 110106 Export
+    HL7_DELIVERY = "hl7.delivery"                # 110106 Export (HL7 v2 ORU^R01 over MLLP)
     REVIEW = "clinician.review"                  # 110110 Patient Record (updated)
     API_ACCESS = "api.access"                    # 110110 Patient Record (read)
     AUDIT_QUERY = "audit.query"                  # 110112 Query

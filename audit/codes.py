@@ -81,8 +81,6 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.ECHO: EventCoding(APPLICATION_ACTIVITY, None),
     EventType.STORE_RECEIVED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_DESTINATION, ROLE_SOURCE),
     EventType.CLASSIFIED: EventCoding(PATIENT_RECORD, None),
-    EventType.FORWARDED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_SOURCE, ROLE_DESTINATION, True),
-    EventType.FHIR_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
     EventType.REVIEW: EventCoding(PATIENT_RECORD, None),
     EventType.API_ACCESS: EventCoding(PATIENT_RECORD, None, ROLE_DESTINATION, client_from_source=True),
     EventType.AUDIT_QUERY: EventCoding(QUERY, None, ROLE_DESTINATION, client_from_source=True),
@@ -95,9 +93,19 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.MODEL_RECALL: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
 }
 
-# Events that send a patient's data out of the service (accounting of disclosures).
-DISCLOSURE_EVENTS = frozenset({EventType.FORWARDED, EventType.FHIR_DELIVERY, EventType.AUDIT_EXPORT,
-                               EventType.API_ACCESS})
+
+# The delivery channels' events (dermgate/channels.py's table refuses to start with a channel
+# these do not cover): dermgate is the source, the channel's peer the destination.
+EVENT_CODES.update({
+    EventType.FORWARDED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_SOURCE, ROLE_DESTINATION, True),
+    EventType.FHIR_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
+    EventType.HL7_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
+})
+
+# Events that send a patient's data out of the service (accounting of disclosures): the
+# delivery channels that disclose, the audit export and API reads.
+DISCLOSURE_EVENTS = frozenset({EventType.AUDIT_EXPORT, EventType.API_ACCESS, EventType.FORWARDED,
+                               EventType.FHIR_DELIVERY, EventType.HL7_DELIVERY})
 
 
 def coding_for(event: EventType) -> EventCoding:

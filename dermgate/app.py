@@ -91,12 +91,12 @@ class Runtime:
     @cached_property
     def channels(self) -> dict[str, Channel]:
         from dermgate.channels import build_channels
-        return build_channels(self.settings, self.audit)
+        return build_channels(self)
 
     @cached_property
     def planners(self) -> list[Planner]:
         from dermgate.channels import build_planners
-        return build_planners(self.settings)
+        return build_planners(self)
 
     def worker(self, owner: str | None = None) -> Worker:
         from integration.dicom_scp.stages import DicomDecoder, DicomRenderer

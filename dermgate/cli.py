@@ -170,6 +170,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             items = list(s.scalars(q))
             for o in items:
                 o.state, o.attempts, o.next_attempt_at = OutboxState.PENDING, 0, utcnow()
+            s.flush()
+            _reopen_jobs(s, {o.job_id for o in items if o.job_id is not None})
             detail = {"retry": [o.id for o in items][:100], "count": len(items)}
         else:  # purge: delivered rows older than --older-than-days (payloads hold PHI)
             cutoff = utcnow() - timedelta(days=args.older_than_days)
@@ -181,6 +183,19 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                                detail={"outbox": args.action, **detail}))
     print(detail)
     return 0
+
+
+def _reopen_jobs(s, job_ids: set[int]) -> None:  # noqa: ANN001 - a Session
+    """A job that failed only in delivery goes back to ``rendered`` once none of its deliveries is
+    dead any more, so the dispatcher marks it ``delivered`` when the retried ones succeed."""
+    from sqlalchemy import func, select
+
+    from dermgate.db import Job, JobState, OutboxItem, OutboxState
+    for job in s.scalars(select(Job).where(Job.id.in_(job_ids), Job.state == JobState.FAILED)):
+        dead = s.scalar(select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.job_id == job.id, OutboxItem.state == OutboxState.DEAD))
+        if dead == 0 and job.outputs is not None:
+            job.state, job.last_error = JobState.RENDERED, None
 
 
 # ---- review -----------------------------------------------------------------------------------
@@ -390,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("api-token", parents=[common], help="issue, list or revoke HTTP API bearer tokens")
     t.add_argument("action", choices=["add", "list", "revoke"])
     t.add_argument("--name", help="the person or system the token is for")
-    t.add_argument("--role", default="clinician", help="clinician, compliance or operator")
+    t.add_argument("--role", default="clinician", help="clinician, compliance, operator or modality (STOW-RS)")
     t.set_defaults(func=cmd_api_token)
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")

@@ -70,6 +70,10 @@ class Decoder(Protocol):
 
     def read(self, data: bytes) -> Any: ...
 
+    def image_ref(self, ref: ImageRef, source: Any) -> ImageRef:
+        """``ref`` completed from the object's header (order context, time zone, body site)."""
+        ...
+
     def rgb(self, source: Any) -> np.ndarray: ...
 
 
@@ -105,7 +109,8 @@ class Loaded:
 
 def load(store: ObjectStore, inst: Instance, job: Job, decoder: Decoder) -> Loaded:
     """Stage 1: read the stored object back (it was fsynced before Success was answered)."""
-    return Loaded(job.id, job.correlation_id, ImageRef.from_object(inst), decoder.read(store.read(inst.path)))
+    source = decoder.read(store.read(inst.path))
+    return Loaded(job.id, job.correlation_id, decoder.image_ref(ImageRef.from_object(inst), source), source)
 
 
 def classify(loaded: list[Loaded], classifier: Classifier, decoder: Decoder) -> list[Prediction]:

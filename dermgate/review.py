@@ -1,9 +1,10 @@
 """Clinician review: confirm or override an AI result.
 
 The review is stored, audited (DCM 110110 Patient Record, update), and the
-report update (``final`` on confirm, ``amended`` with the clinician's
-diagnosis on override) goes through the same outbox as the report, so it
-reaches the EHR once even when the EHR is down.
+report update goes through the same outbox as the report, so it reaches the
+EHR once even when the EHR is down: the first sign-off makes the report
+``final`` (with the clinician's diagnosis on override), a later review
+``amended`` or ``corrected`` (R4), and the Observations follow the report.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate.app import Runtime
+from dermgate.channels import review_planners
 from dermgate.db import Instance, Job, JobState, OutboxItem, Review
 from dermgate.records import ImageRef
 from inference.result import CLASSES
@@ -47,9 +49,8 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
         s.add(review)
         s.flush()
         image = ImageRef.from_object(inst)
-        for planner in rt.planners:
-            plan_review = getattr(planner, "plan_review", None)
-            payload = plan_review(image, review) if plan_review else None
+        for planner in review_planners(rt):      # the channels whose table entry says "reviews"
+            payload = planner.plan_review(image, review)
             if payload is not None:
                 s.add(OutboxItem(job_id=None, channel=planner.channel, kind="review", payload=payload,
                                  business_key=f"{inst.sop_instance_uid}:review:{review.id}"))

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from integration.fhir.settings import FhirSettings
+from integration.hl7v2.settings import Hl7Settings
 
 
 class Section(BaseModel):
@@ -176,6 +177,7 @@ class Settings(BaseSettings):
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     recall: RecallSettings = Field(default_factory=RecallSettings)
+    hl7: Hl7Settings | None = None                    # HL7 v2 ORU^R01 over MLLP (docs/hl7v2.md)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them. The README's test command; .ci/run calls it.
 # Needs root (or sudo) for the Debian packages: dcmtk (the modality), orthanc (the PACS),
-# dicom3tools (dciodvfy, IOD validation); prometheus (promtool, alert rules); Node 20 + npm for the loopback FHIR server;
+# dicom3tools (dciodvfy, IOD validation); prometheus (promtool, alert rules); orthanc-dicomweb (a STOW-RS client); Node 20 + npm for the loopback FHIR server;
 # PostgreSQL 15 binaries (initdb/pg_ctl) for the PostgreSQL half of the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,8 @@ for pair in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools shellcheck:shell
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
+# the Orthanc DICOMweb plugin: Orthanc as an independent STOW-RS client
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"

@@ -20,7 +20,7 @@ from fastapi import Depends, Header, HTTPException, Request, status
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate.app import Runtime
 
-ROLES = ("clinician", "compliance", "operator")
+ROLES = ("clinician", "compliance", "operator", "modality")   # modality: STOW-RS senders
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ def create_app(rt: Runtime, *, check_model: bool = True, check_ehr: bool = False
     app = FastAPI(title="dermgate", version=__version__,
                   description="Dermoscopy AI decision support: results, review, health. " + DISCLAIMER)
     app.state.runtime = rt
+    from dermgate.api.dicomweb import router as dicomweb_router
+    app.include_router(dicomweb_router())          # STOW-RS in (PS3.18 10.5)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

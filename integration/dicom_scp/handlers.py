@@ -38,13 +38,12 @@ from sqlalchemy.exc import OperationalError
 
 from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate import metrics
-from dermgate.intake import Intake, IntakeResult, IntakeStatus
+from dermgate.intake import Intake, IntakeResult
 from dermgate.records import ImageRef
 from dermgate.settings import DicomSettings
 from dermgate.store import ObjectStore, StoreError
 from integration.dicom_scp import status as st
-from integration.dicom_scp.decode import (CorruptPixelData, DecodeError, NoPixelData, UnsupportedImage,
-                                          check_image, geometry, verify_decodable)
+from integration.dicom_scp.decode import CorruptPixelData, DecodeError, NoPixelData, UnsupportedImage
 
 log = structlog.get_logger(__name__)
 
@@ -157,29 +156,11 @@ def handle_store(event: Event, intake: Intake, audit: AuditSink, cfg: DicomSetti
 
 
 def _receive(event: Event, intake: Intake, cfg: DicomSettings, store: ObjectStore, calling_ae: str) -> StoreOutcome:
-    """The checks in order of cost; each failure is a :class:`Refusal` or a :class:`DecodeError`."""
-    image: ImageRef | None = None
-    details: dict[str, Any] = {}
-    try:
-        encoded = event.encoded_dataset(include_meta=True)
-        ds = parse(encoded)
-        image = image_ref(ds, calling_ae)
-        check_sop(image, event)
-        geo = geometry(ds)
-        details.update(rows=geo.rows, columns=geo.columns, photometric=geo.photometric)
-        check_image(geo, cfg.max_pixels)
-        if store.free_bytes() < cfg.min_free_bytes:
-            raise Refusal(st.OUT_OF_RESOURCES, "storage below its free-space reserve")
-        verify_decodable(ds, geo)
-        result = _accept(intake, encoded, image, geo.transfer_syntax)
-    except Refusal as refusal:
-        return StoreOutcome(refusal.status, refusal.reason, image, None, details)
-    except DecodeError as exc:
-        return StoreOutcome(_decode_status(exc), str(exc), image, None, details)
-    if result.status is IntakeStatus.CONFLICT:
-        return StoreOutcome(st.SOP_INSTANCE_CONFLICT, "SOP Instance UID already received with other content",
-                            image, result, details)
-    return StoreOutcome(st.SUCCESS, None, image, result, details)
+    """The admission checks shared with STOW-RS (integration/dicom_scp/admission.py), plus the
+    C-STORE request's own: the data set is the instance and class the request announces."""
+    from integration.dicom_scp.admission import admit
+    return admit(event.encoded_dataset(include_meta=True), calling_ae, intake, cfg, store,
+                 check=lambda image: check_sop(image, event))
 
 
 def _decode_status(exc: DecodeError) -> int:

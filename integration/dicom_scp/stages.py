@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from dermgate.records import Outputs
+from dermgate.records import ImageRef, Outputs
 from inference.result import Prediction
 from integration.dicom_scp.decode import decode_rgb
 from integration.dicom_scp.outputs import write_outputs
@@ -23,6 +23,10 @@ class DicomDecoder:
 
     def read(self, data: bytes) -> Dataset:
         return dcmread(BytesIO(data))
+
+    def image_ref(self, ref: ImageRef, source: Dataset) -> ImageRef:
+        from integration.dicom_scp.context import with_context
+        return with_context(ref, source)
 
     def rgb(self, source: Dataset) -> np.ndarray:
         return decode_rgb(source)
