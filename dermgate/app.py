@@ -20,7 +20,7 @@ from dermgate.db import make_engine, make_sessionmaker
 from dermgate.pipeline import Dispatcher, Planner, Worker
 from dermgate.records import Channel
 from dermgate.settings import Settings
-from dermgate.store import ObjectStore
+from dermgate.store import ObjectStore, store_cipher
 
 log = structlog.get_logger("dermgate.app")
 
@@ -36,7 +36,8 @@ class Runtime:
             from dermgate.migrate import upgrade
             upgrade(settings.db_url)   # safe from many processes at once (advisory lock / BEGIN IMMEDIATE)
         self.sessions: sessionmaker = make_sessionmaker(self.db)
-        self.store = ObjectStore(settings.store_dir)
+        # Encrypted at rest when settings.store_encrypted (production default); no key, no start.
+        self.store = ObjectStore(settings.store_dir, store_cipher(settings))
 
     @cached_property
     def audit(self) -> AuditSink:

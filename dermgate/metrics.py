@@ -20,3 +20,8 @@ OUTBOX = Gauge("dermgate_outbox", "Outbox rows by channel and state", ["channel"
 DELIVERIES = Counter("dermgate_deliveries_total", "Delivery attempts by channel and result", ["channel", "result"])
 AUDIT_WRITE_SECONDS = Histogram("dermgate_audit_write_seconds", "Audit record write time (incl. fsync)",
                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
+CONNECTIONS_REFUSED = Counter("dermgate_dicom_connections_refused_total",
+                              "DICOM connections closed before an association: refused at accept or silent",
+                              ["reason"])
+API_AUTH_FAILURES = Counter("dermgate_api_auth_failures_total", "HTTP API requests refused: 401, 403, 429",
+                            ["status"])
