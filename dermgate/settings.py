@@ -137,16 +137,14 @@ class ApiSettings(Section):
     audit_coalesce_s: float = 60.0                    # repeated authentication failures of one source become one audit record per window, with their count
     trusted_proxies: list[str] = Field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For (and X-Forwarded-Proto) is honoured; others' is ignored
     purposes_of_use: list[str] = Field(default_factory=lambda: ["TREAT", "ETREAT", "HOPERAT"])  # X-Purpose-Of-Use values accepted (HL7 v3 PurposeOfUse); others are refused with 400
-    default_purpose_of_use: str = "TREAT"             # the purpose recorded when a request names none
+    default_purpose_of_use: str = "TREAT"             # the purpose recorded when a request names none (always accepted)
     hsts_max_age_s: int = 31_536_000                  # Strict-Transport-Security max-age on HTTPS responses
 
     @model_validator(mode="after")
     def _consistent(self) -> ApiSettings:
-        if self.default_purpose_of_use not in self.purposes_of_use:
-            raise ValueError("api.default_purpose_of_use must be one of api.purposes_of_use")
-        if self.max_body_bytes < 1024 or self.auth_failures_before_lockout < 1 or self.token_lifetime_days <= 0:
-            raise ValueError("api.max_body_bytes must be >= 1024, api.auth_failures_before_lockout >= 1 "
-                             "and api.token_lifetime_days > 0")
+        if self.max_body_bytes < 1 or self.auth_failures_before_lockout < 1 or self.token_lifetime_days <= 0:
+            raise ValueError("api.max_body_bytes and api.auth_failures_before_lockout must be >= 1, "
+                             "api.token_lifetime_days > 0")
         import ipaddress
         for proxy in self.trusted_proxies:
             ipaddress.ip_network(proxy, strict=False)  # raises ValueError on a malformed entry

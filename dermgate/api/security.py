@@ -153,7 +153,7 @@ class ApiSecurity:
     def __init__(self, cfg: ApiSettings, tokens_file: Path, audit: AuditSink) -> None:
         self.cfg, self.tokens_file = cfg, tokens_file
         self.proxies = _networks(cfg.trusted_proxies)
-        self.purposes = {p.upper() for p in cfg.purposes_of_use}
+        self.purposes = {p.upper() for p in cfg.purposes_of_use} | {cfg.default_purpose_of_use.upper()}
         self.sources = FailureLimiter(cfg.auth_failures_before_lockout, cfg.auth_failure_window_s, cfg.lockout_s)
         self.tokens = FailureLimiter(cfg.auth_failures_before_lockout, cfg.auth_failure_window_s, cfg.lockout_s)
         self.coalescer = AuditCoalescer(audit, cfg.audit_coalesce_s)
