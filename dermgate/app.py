@@ -22,7 +22,7 @@ from dermgate.durable import private_dir
 from dermgate.pipeline import Dispatcher, Planner, Worker
 from dermgate.records import Channel
 from dermgate.settings import Settings
-from dermgate.store import ObjectStore
+from dermgate.store import ObjectStore, store_cipher
 
 log = structlog.get_logger("dermgate.app")
 
@@ -63,7 +63,8 @@ class Runtime:
         else:
             self._require_schema()
         self.sessions: sessionmaker = make_sessionmaker(self.db)
-        self.store = ObjectStore(settings.store_dir)
+        # Encrypted at rest when settings.store_encrypted (production default); no key, no start.
+        self.store = ObjectStore(settings.store_dir, store_cipher(settings))
 
     def _require_schema(self) -> None:
         from dermgate.migrate import current, head
@@ -101,7 +102,7 @@ class Runtime:
     def worker(self, owner: str | None = None) -> Worker:
         from integration.dicom_scp.stages import DicomDecoder, DicomRenderer
         return Worker(self.sessions, self.store, self.classifier, self.audit, self.planners,
-                      self.settings.worker, decoder=DicomDecoder(), renderer=DicomRenderer(self.store.root),
+                      self.settings.worker, decoder=DicomDecoder(), renderer=DicomRenderer(self.store),
                       owner=owner)
 
     def dispatcher(self, owner: str | None = None) -> Dispatcher:

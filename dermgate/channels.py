@@ -47,6 +47,9 @@ class Runtime(Protocol):
     @property
     def classifier(self) -> Any: ...
 
+    @property
+    def store(self) -> ObjectStore: ...
+
 INSTANCES_TRANSFERRED = "110104"     # DCM: DICOM Instances Transferred
 EXPORT = "110106"                    # DCM: Export
 
@@ -96,7 +99,7 @@ def _wire_dicom(rt: Runtime) -> list[Wired]:
                     raise ValueError(f"destination {d.name} uses TLS: set dicom.tls.ca_file to verify the PACS")
                 tls = client_tls_context(t.ca_file, t.cert_file, t.key_file)
             return DicomForwardChannel(d.name, d.ae_title, d.host, d.port, calling_ae_title=s.dicom.ae_title,
-                                       tls=tls, base_dir=s.store_dir, audit=rt.audit)
+                                       tls=tls, base_dir=s.store_dir, audit=rt.audit, files=rt.store)
         out.append(Wired(f"dicom:{d.name}", make, DicomForwardPlanner(f"dicom:{d.name}")))
     return out
 
@@ -143,20 +146,24 @@ class FhirPlanner:
 
 class BundleDirectoryChannel:
     """Writes each FHIR payload's bundle as JSON under a folder: the demo's stand-in for an EHR
-    when no FHIR server is given. Idempotent: one file per business key, rewritten atomically."""
+    when no FHIR server is given. Idempotent: one file per business key, rewritten atomically.
+    The folder is an :class:`ObjectStore` of its own, encrypted like the object store when it is."""
     name = FHIR_FILE_CHANNEL
 
-    def __init__(self, folder: Any) -> None:
+    def __init__(self, folder: Any, cipher: Any = None) -> None:
         self.folder = folder
+        self.files = ObjectStore(folder, cipher)
 
     def deliver(self, payload: dict[str, Any]) -> Any:
         import json
 
-        from dermgate.durable import write_atomic
         from dermgate.records import DeliveryOutcome
         key = payload["business_key"].replace(":", "_")
+        if self.files.encrypted:                  # the name would show the SOP Instance UID
+            import hashlib
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
         doc = payload.get("bundle") or payload
-        write_atomic(self.folder / f"{key}.json", json.dumps(doc, indent=1).encode())
+        self.files.put(f"{key}.json", json.dumps(doc, indent=1).encode())
         return DeliveryOutcome(ok=True, remote_ref=f"file:{key}.json")
 
 
@@ -180,7 +187,7 @@ def _wire_fhir_file(rt: Runtime) -> list[Wired]:
     folder = rt.settings.fhir_bundle_dir
     if folder is None:
         return []
-    return [Wired(FHIR_FILE_CHANNEL, lambda: BundleDirectoryChannel(folder),
+    return [Wired(FHIR_FILE_CHANNEL, lambda: BundleDirectoryChannel(folder, rt.store.cipher),
                   FhirPlanner(FHIR_FILE_CHANNEL, _fhir_settings(rt), _thresholds(rt)))]
 
 

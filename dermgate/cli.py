@@ -13,6 +13,7 @@
     dermgate outcomes     import, list and link outcomes (histopathology truth)
     dermgate monitor      live performance, drift and alarms (report)
     dermgate model        recall a model version from the PACS and the EHR
+    dermgate store        store encryption key: init-key, rotate-key; cat a stored file (decrypted)
 
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory. Only ``serve``, ``demo`` and ``migrate`` may create one (and
@@ -275,9 +276,17 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     path = settings.api_tokens_file
     tokens = load_tokens(path)
     if args.action == "list":
-        rows = [(v["user"], v["role"], v.get("created", ""), k[:12]) for k, v in sorted(tokens.items(),
-                                                                                         key=lambda kv: kv[1]["user"])]
-        print(_table(rows, ["user", "role", "created", "sha256 (head)"]))
+        from dermgate.api.security import token_expiry
+        now = utcnow()
+
+        def _expiry(entry: dict) -> tuple[str, str]:
+            expires = token_expiry(entry, settings.api.token_lifetime_days)
+            if expires is None:
+                return "", "expired (no lifetime: reissue)"
+            return expires.isoformat(timespec="seconds"), "expired" if expires <= now else "valid"
+        rows = [(v["user"], v["role"], v.get("created", ""), *_expiry(v), k[:12])
+                for k, v in sorted(tokens.items(), key=lambda kv: kv[1]["user"])]
+        print(_table(rows, ["user", "role", "created", "expires", "status", "sha256 (head)"]))
         return 0
     if not args.name:
         print("error: --name is required", file=sys.stderr)
@@ -286,8 +295,15 @@ def cmd_api_token(args: argparse.Namespace) -> int:
         if args.role not in ROLES:
             print(f"error: --role must be one of {', '.join(ROLES)}", file=sys.stderr)
             return 2
+        days = args.days if args.days is not None else settings.api.token_lifetime_days
+        if not days > 0:
+            print("error: --days must be positive", file=sys.stderr)
+            return 2
         token = secrets.token_urlsafe(32)
-        tokens[hash_token(token)] = {"user": args.name, "role": args.role, "created": utcnow().isoformat()}
+        issued = utcnow()
+        expires = issued + timedelta(days=days)
+        tokens[hash_token(token)] = {"user": args.name, "role": args.role, "created": issued.isoformat(),
+                                     "expires": expires.isoformat()}
     else:
         before = len(tokens)
         tokens = {k: v for k, v in tokens.items() if v["user"] != args.name}
@@ -301,14 +317,56 @@ def cmd_api_token(args: argparse.Namespace) -> int:
         audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=who.actor,
                                 actor_role=who.role, action="C" if args.action == "add" else "D",
                                 detail={"api_token": args.action, "for_user": args.name,
-                                        "role": getattr(args, "role", None)}))
+                                        "role": getattr(args, "role", None),
+                                        **({"expires": expires.isoformat()} if args.action == "add" else {})}))
     finally:
         audit.close()
     if args.action == "add":
         print(token)
-        print(f"token for {args.name} ({args.role}) issued; it is shown only this once", file=sys.stderr)
+        print(f"token for {args.name} ({args.role}) issued, valid until {expires.isoformat(timespec='seconds')}; "
+              "it is shown only this once", file=sys.stderr)
     else:
         print(f"tokens of {args.name} revoked", file=sys.stderr)
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """The store's encryption key (create, rotate: audited) and reading one stored file (audited)."""
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.app import open_audit
+    from dermgate.store import ObjectStore, create_store_key, store_cipher
+    settings = _logged_settings(args)
+    path = settings.store_key_file
+    if args.action == "cat":
+        if not args.path:
+            print("error: cat needs the file's path (relative to the store, or absolute)", file=sys.stderr)
+            return 2
+        target = Path(args.path)
+        bundles = settings.fhir_bundle_dir
+        inside_bundles = bundles is not None and target.is_absolute() and bundles in target.parents
+        store = ObjectStore(bundles if inside_bundles else settings.store_dir, store_cipher(settings))
+        data = store.read_at(target) if target.is_absolute() else store.read(args.path)
+    audit = open_audit(settings)
+    try:
+        if args.action == "cat":
+            audit.record(AuditEvent(event=EventType.API_ACCESS, outcome=Outcome.SUCCESS, actor=args.user,
+                                    actor_role="operator", action="R",
+                                    detail={"what": "store cat", "path": store.rel(target)}))
+            sys.stdout.buffer.write(data)
+            return 0
+        if args.action == "init-key":
+            create_store_key(path)
+            detail = {"store_key": "created", "file": str(path)}
+        else:
+            from audit.keys import FileKeyProvider
+            old, new = FileKeyProvider(path).rotate()
+            detail = {"store_key": "rotated", "file": str(path), "old_key_id": old, "new_key_id": new}
+        audit.record(AuditEvent(event=EventType.KEY_CHANGE, outcome=Outcome.SUCCESS, actor=args.user,
+                                actor_role="operator", action="C" if args.action == "init-key" else "U",
+                                detail=detail))
+    finally:
+        audit.close()
+    print(f"store key {detail['store_key']}: {path}", file=sys.stderr)
     return 0
 
 
@@ -406,7 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("action", choices=["add", "list", "revoke"])
     t.add_argument("--name", help="the person or system the token is for")
     t.add_argument("--role", default="clinician", help="clinician, compliance, operator or modality (STOW-RS)")
+    t.add_argument("--days", type=float, help="add: lifetime in days (default: api.token_lifetime_days, 90)")
     t.set_defaults(func=cmd_api_token)
+
+    k = sub.add_parser("store", parents=[common], help="store encryption key; read a stored file decrypted")
+    k.add_argument("action", choices=["init-key", "rotate-key", "cat"])
+    k.add_argument("path", nargs="?", help="cat: a stored file (relative to the store, or absolute)")
+    k.set_defaults(func=cmd_store)
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
     c.set_defaults(func=cmd_config)

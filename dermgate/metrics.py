@@ -35,3 +35,8 @@ MONITOR_ALARMS = Gauge("dermgate_monitor_alarms", "Active live-performance and d
 DRIFT_PSI = Gauge("dermgate_drift_psi", "Population stability index against the training reference",
                   ["device", "feature"])
 OOD_RATE = Gauge("dermgate_ood_rate", "Share of recent results outside the training distribution", ["device"])
+CONNECTIONS_REFUSED = Counter("dermgate_dicom_connections_refused_total",
+                              "DICOM connections closed before an association: refused at accept or silent",
+                              ["reason"])
+API_AUTH_FAILURES = Counter("dermgate_api_auth_failures_total", "HTTP API requests refused: 401, 403, 429",
+                            ["status"])

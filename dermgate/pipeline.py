@@ -121,7 +121,14 @@ def classify(loaded: list[Loaded], classifier: Classifier, decoder: Decoder) -> 
     return classifier.predict(images)
 
 
-def derived_dir(image: ImageRef) -> str:
+def derived_dir(image: ImageRef, *, opaque: bool = False) -> str:
+    """This image's output folder; ``opaque`` (an encrypted store) names it by hashes of the UIDs, so a
+    directory listing does not show Study and SOP Instance UIDs. Either way a re-run finds the same folder."""
+    if opaque:
+        import hashlib
+        study = hashlib.sha256(image.study_instance_uid.encode()).hexdigest()[:32]
+        sop = hashlib.sha256(image.sop_instance_uid.encode()).hexdigest()[:32]
+        return f"derived/{study}/{sop}"
     return f"derived/{image.study_instance_uid}/{image.sop_instance_uid}"
 
 
@@ -130,7 +137,8 @@ def render(store: ObjectStore, item: Loaded, prediction: Prediction, renderer: R
 
     Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
     """
-    return renderer.render(item.dataset, prediction, store.path(derived_dir(item.image)), item.rgb)
+    return renderer.render(item.dataset, prediction, store.path(derived_dir(item.image, opaque=store.encrypted)),
+                           item.rgb)
 
 
 # ---- the worker: composes the stages under a lease ---------------------------------------------

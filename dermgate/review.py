@@ -36,6 +36,9 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
         raise ReviewError("decision must be confirm or override")
     if decision == "override" and diagnosis not in CLASSES:
         raise ReviewError(f"an override needs a diagnosis, one of {', '.join(CLASSES)}")
+    from dermgate.api.security import MAX_COMMENT_CHARS
+    if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+        raise ReviewError(f"the comment is longer than {MAX_COMMENT_CHARS} characters", 422)
     with rt.sessions.begin() as s:
         row = s.execute(select(Instance, Job).join(Job, Job.instance_id == Instance.id)
                         .where(Instance.sop_instance_uid == sop_instance_uid)).first()

@@ -34,9 +34,19 @@ class Section(BaseModel):
 
 
 class AllowedCaller(Section):
-    """A calling AE title and the source hosts (IP addresses) it may connect from."""
+    """A calling AE title, the source hosts (IP addresses) it may connect from and, optionally,
+    the TLS client certificates it must present."""
     ae_title: str
     hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    cert_subjects: list[str] = Field(default_factory=list)  # TLS only: the client certificate must be one of these (subject DN, or DNS:/IP:/URI:/email: SAN)
+
+    @field_validator("cert_subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        from integration.dicom_scp.identity import parse_subject
+        for entry in v:
+            parse_subject(entry)                      # raises ValueError on a malformed entry
+        return v
 
 
 class Destination(Section):
@@ -62,9 +72,12 @@ class DicomSettings(Section):
     ae_title: str = "DERMGATE"
     host: str = "127.0.0.1"
     port: int = 11112
+    plain_listener: bool = True                       # listen on `port` without TLS; false: DICOM over TLS only
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     accept_unknown_callers: bool = False              # reject unknown AEs by default
     max_associations: int = 16
+    max_connections_per_host: int = 4                 # concurrent TCP connections from one source address (IPv6: one /64)
+    pre_association_timeout: float = 5.0              # seconds a new connection may take (TLS handshake included) to send its A-ASSOCIATE-RQ
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -80,6 +93,18 @@ class DicomSettings(Section):
         if not 0 < len(v) <= 16:
             raise ValueError("AE title must be 1-16 characters")
         return v
+
+    @model_validator(mode="after")
+    def _listens(self) -> DicomSettings:
+        if not self.plain_listener and not self.tls.enabled:
+            raise ValueError("dicom.plain_listener = false needs dicom.tls.enabled = true (nothing would listen)")
+        if self.max_connections_per_host < 1 or self.pre_association_timeout <= 0:
+            raise ValueError("dicom.max_connections_per_host must be >= 1 and dicom.pre_association_timeout > 0")
+        bound = [c.ae_title for c in self.allowed_callers if c.cert_subjects]
+        if bound and not self.tls.enabled:
+            raise ValueError(f"dicom.allowed_callers {bound} name cert_subjects: enable dicom.tls "
+                             "(they can only associate over TLS)")
+        return self
 
 
 class WorkerSettings(Section):
@@ -114,6 +139,34 @@ class ApiSettings(Section):
     tls_cert_file: Path | None = None                 # serve HTTPS (TLS 1.2+) with this certificate chain
     tls_key_file: Path | None = None                  # ... and this private key (file, 0600)
     plain_http_behind_tls_proxy: bool = False         # production: allow plain HTTP because an ingress/mesh terminates TLS
+    token_lifetime_days: float = 90.0                 # lifetime of a token issued by `dermgate api-token add` (its --days wins); tokens issued without an expiry expire this long after `created`
+    max_body_bytes: int = 65536                       # request bodies above this are refused with 413, before they are read
+    auth_failures_before_lockout: int = 10            # failed authentications from one source, or with one token, within auth_failure_window_s before 429
+    auth_failure_window_s: float = 60.0               # the window those failures are counted in
+    lockout_s: float = 300.0                          # how long a locked-out source or token is answered 429 (Retry-After)
+    audit_coalesce_s: float = 60.0                    # repeated authentication failures of one source become one audit record per window, with their count
+    trusted_proxies: list[str] = Field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For (and X-Forwarded-Proto) is honoured; others' is ignored
+    purposes_of_use: list[str] = Field(default_factory=lambda: ["TREAT", "ETREAT", "HOPERAT"])  # X-Purpose-Of-Use values accepted (HL7 v3 PurposeOfUse); others are refused with 400
+    default_purpose_of_use: str = "TREAT"             # the purpose recorded when a request names none (always accepted)
+    hsts_max_age_s: int = 31_536_000                  # Strict-Transport-Security max-age on HTTPS responses
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ApiSettings:
+        if self.max_body_bytes < 1 or self.auth_failures_before_lockout < 1 or self.token_lifetime_days <= 0:
+            raise ValueError("api.max_body_bytes and api.auth_failures_before_lockout must be >= 1, "
+                             "api.token_lifetime_days > 0")
+        import ipaddress
+        for proxy in self.trusted_proxies:
+            ipaddress.ip_network(proxy, strict=False)  # raises ValueError on a malformed entry
+        return self
+
+
+class StoreSettings(Section):
+    """Encryption at rest of received objects, derived objects and FHIR bundle files."""
+    encrypt: bool | None = None                       # AES-256-GCM per file; default: on in production, off in development
+    key_file: Path | None = None                      # store keyring (0600); default <workdir>/keys/store.key; DERMGATE_STORE_KEY wins
+    encrypted_volume: bool = False                    # production with encrypt = false: the operator confirms the store lies on an encrypted volume
+    accept_plaintext: bool = False                    # with encrypt: also read files written before encryption was switched on
 
 
 class FhirPullSettings(Section):
@@ -172,6 +225,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     fhir: FhirSettings | None = None
     fhir_bundle_dir: Path | None = None               # also write each FHIR bundle here (demo without an EHR)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)
@@ -196,7 +250,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_is_secure(self) -> Settings:
         """Outside development, refuse what would expose patient data: an HTTP API on a
-        network interface without TLS, or a DICOM SCP that accepts unknown callers."""
+        network interface without TLS, a DICOM SCP that accepts unknown callers, a plain
+        DICOM port beside a TLS port that requires client certificates, or a store that is
+        neither encrypted nor confirmed to lie on an encrypted volume."""
         if self.environment != "production":
             return self
         loopback = ("127.0.0.1", "::1", "localhost")
@@ -212,6 +268,12 @@ class Settings(BaseSettings):
                                         for d in (self.audit_dir, self.workdir)):
                 raise ValueError(f"production: {setting} lies in the work dir or the audit directory, beside the "
                                  "trail it protects; keep it apart (systemd credential, Secret, or the environment)")
+        if self.dicom.tls.enabled and self.dicom.tls.require_client_cert and self.dicom.plain_listener:
+            raise ValueError("production: dicom.tls.require_client_cert is set but the plain DICOM port still "
+                             "listens without any certificate; set dicom.plain_listener = false")
+        if self.store.encrypt is False and not self.store.encrypted_volume:
+            raise ValueError("production: store.encrypt is false; encrypt the store (remove the setting) or "
+                             "confirm that the work dir lies on an encrypted volume with store.encrypted_volume = true")
         return self
 
     # Derived locations, all under the work dir unless configured.
@@ -222,6 +284,15 @@ class Settings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         return self.workdir / "store"
+
+    @property
+    def store_encrypted(self) -> bool:
+        """Whether stored files are encrypted: ``store.encrypt``, by default on in production only."""
+        return self.store.encrypt if self.store.encrypt is not None else self.environment == "production"
+
+    @property
+    def store_key_file(self) -> Path:
+        return self.store.key_file or self.workdir / "keys" / "store.key"
 
     @property
     def audit_dir(self) -> Path:

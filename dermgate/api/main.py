@@ -7,13 +7,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select, text
 
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate import __version__, metrics
 from dermgate.api.deps import RuntimeDep, User, require
 from dermgate.api.outcomes import router as outcomes_router
+from dermgate.api.security import MAX_COMMENT_CHARS, install as install_security
 from dermgate.app import Runtime
 from dermgate.db import Instance, Job, OutboxItem, OutboxState
 from dermgate.pipeline import queue_depth
@@ -31,7 +32,7 @@ class ResultOut(BaseModel):
 class ReviewIn(BaseModel):
     decision: Literal["confirm", "override"]
     diagnosis: Literal[CLASSES] | None = None  # type: ignore[valid-type]
-    comment: str | None = None
+    comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS)
 
 
 def readiness(rt: Runtime, check_model: bool = True, check_ehr: bool = False) -> dict[str, dict[str, Any]]:
@@ -70,9 +71,10 @@ def readiness(rt: Runtime, check_model: bool = True, check_ehr: bool = False) ->
 
 
 def create_app(rt: Runtime, *, check_model: bool = True, check_ehr: bool = False) -> FastAPI:
-    app = FastAPI(title="dermgate", version=__version__,
+    app = FastAPI(title="dermgate", version=__version__, docs_url=None, redoc_url=None,
                   description="Dermoscopy AI decision support: results, review, health. " + DISCLAIMER)
     app.state.runtime = rt
+    install_security(app, rt.settings.api, rt.settings.api_tokens_file, rt.audit)   # auth, limits, headers, /docs
     from dermgate.api.dicomweb import router as dicomweb_router
     app.include_router(dicomweb_router())          # STOW-RS in (PS3.18 10.5)
 

@@ -21,6 +21,7 @@ import hashlib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate.records import DeliveryOutcome
+from dermgate.store import StoreError
 from integration.dicom_scp import uids
 
 log = structlog.get_logger(__name__)
@@ -116,7 +118,8 @@ class DicomForwardChannel:
 
     ``payload``: ``{"files": [path, ...]}``; relative paths resolve against
     ``base_dir``. Patient, study and SOP UIDs for the audit record come from
-    the files themselves.
+    the files themselves. With ``files`` (the object store) they are read, and
+    decrypted, through it.
     """
     dest_name: str
     ae_title: str
@@ -127,6 +130,7 @@ class DicomForwardChannel:
     tls_server_hostname: str | None = None
     base_dir: Path | None = None
     audit: AuditSink | None = None
+    files: Any = None                       # an object with read_at(path) -> bytes (dermgate.store.ObjectStore)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -173,10 +177,11 @@ class DicomForwardChannel:
             if not path.is_absolute() and self.base_dir is not None:
                 path = self.base_dir / path
             try:
-                datasets.append(dcmread(path))
+                datasets.append(dcmread(BytesIO(self.files.read_at(path))) if self.files is not None
+                                else dcmread(path))
             except FileNotFoundError as exc:
                 raise _Undeliverable(f"output file missing: {path.name}") from exc
-            except (InvalidDicomError, OSError) as exc:
+            except (InvalidDicomError, OSError, StoreError) as exc:
                 raise _Undeliverable(f"output file unreadable: {path.name}: {exc}") from exc
         return datasets
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -70,6 +71,24 @@ _UID_SEPARATOR = "\x1f"
 _LOSSY_TRANSFER_SYNTAXES = (uids.JPEG_BASELINE, uids.JPEG_EXTENDED, uids.JPEG_2000)
 _RISK_CODES = {Risk.LOW: uids.LOW_RISK, Risk.MEDIUM: uids.MODERATE_RISK, Risk.HIGH: uids.HIGH_RISK,
                Risk.NOT_ASSESSABLE: uids.NOT_ASSESSABLE}
+
+
+class Files(Protocol):
+    """Where outputs are written and read back: plain files, or the (encrypting) object store."""
+
+    def write_at(self, path: Path, data: bytes) -> Path: ...
+
+    def read_at(self, path: Path) -> bytes: ...
+
+
+class PlainFiles:
+    """Files in the clear, written atomically and durably."""
+
+    def write_at(self, path: Path, data: bytes) -> Path:
+        return write_atomic(path, data)
+
+    def read_at(self, path: Path) -> bytes:
+        return Path(path).read_bytes()
 
 
 class OutputError(Exception):
@@ -122,21 +141,25 @@ def write_outputs(
     *,
     image_rgb: npt.NDArray[np.uint8] | None = None,
     now: datetime | None = None,
+    files: Files | None = None,
 ) -> WrittenOutputs:
     """Render, build, write and read back the SC, the SR and the heatmap PNG for one image.
 
     ``out_dir`` is this image's own folder. ``image_rgb`` is the decoded source
-    (RGB); when omitted, the source's pixel data is decoded here.
+    (RGB); when omitted, the source's pixel data is decoded here. ``files`` writes
+    and reads them back (the object store, which encrypts when configured); plain
+    files when omitted.
     """
+    files = files or PlainFiles()
     _check_source(source)
     now = now or datetime.now(timezone.utc)
     rgb = image_rgb if image_rgb is not None else _decode_rgb(source)
     rendered = render_heatmap(rgb, prediction)
     private_dir(out_dir)
-    sc = write_verified(build_secondary_capture(source, rendered, prediction, now=now), out_dir / SC_FILE)
-    sr = write_verified(build_ai_sr(source, prediction, sc, now=now), out_dir / SR_FILE)
+    sc = write_verified(build_secondary_capture(source, rendered, prediction, now=now), out_dir / SC_FILE, files)
+    sr = write_verified(build_ai_sr(source, prediction, sc, now=now), out_dir / SR_FILE, files)
     png = encode_png(rendered)
-    write_atomic(out_dir / PNG_FILE, png)
+    files.write_at(out_dir / PNG_FILE, png)
     return WrittenOutputs(sc=sc, sr=sr, sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE,
                           png_path=out_dir / PNG_FILE, png=png)
 
@@ -236,12 +259,13 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
     return sr
 
 
-def write_verified(ds: Dataset, path: Path) -> Dataset:
+def write_verified(ds: Dataset, path: Path, files: Files | None = None) -> Dataset:
     """Write ``ds`` atomically as a DICOM file and return what reads back from it."""
+    files = files or PlainFiles()
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    write_atomic(path, buf.getvalue())
-    back = dcmread(path)
+    files.write_at(path, buf.getvalue())
+    back = dcmread(BytesIO(files.read_at(path)))
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if back.get(keyword) != ds.get(keyword):
             raise OutputVerificationError(f"{path.name}: {keyword} did not read back as written")

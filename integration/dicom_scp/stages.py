@@ -13,6 +13,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from dermgate.records import ImageRef, Outputs
+from dermgate.store import ObjectStore
 from inference.result import Prediction
 from integration.dicom_scp.decode import decode_rgb
 from integration.dicom_scp.outputs import write_outputs
@@ -35,9 +36,10 @@ class DicomDecoder:
 class DicomRenderer:
     """Writes the Grad-CAM Secondary Capture, the AI-result SR and the heatmap PNG (``Renderer``)."""
 
-    def __init__(self, store_root: Path) -> None:
-        self.store_root = store_root
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store          # every file goes through it: encrypted at rest when configured
 
     def render(self, source: Dataset, prediction: Prediction, folder: Path,
                image_rgb: np.ndarray | None) -> Outputs:
-        return write_outputs(source, prediction, folder, image_rgb=image_rgb).to_record(self.store_root)
+        return write_outputs(source, prediction, folder, image_rgb=image_rgb,
+                             files=self.store).to_record(self.store.root)

@@ -83,6 +83,7 @@ def sample(annotation: Any, default: Any) -> tuple[str, Any] | None:
 # Settings that are only valid together (SMART Backend Services needs all three).
 _SMART = (("fhir", "token_url"), ("fhir", "client_id"), ("fhir", "private_key_file"))
 TOGETHER: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {p: tuple(q for q in _SMART if q != p) for p in _SMART}
+TOGETHER[("dicom", "plain_listener")] = (("dicom", "tls", "enabled"),)   # off needs the TLS port
 
 
 def value_at(settings: Settings, path: tuple[str, ...]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ def make_runtime(tmp_path: Path, database_url: str | None = None) -> Runtime:
     models = tmp_path / "model"
     shutil.copytree(src, models, ignore=shutil.ignore_patterns("*.py", "__pycache__", "checkpoints", "configs"))
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({hash_token(t): {"user": u, "role": r} for t, (u, r) in TOKENS.items()}))
+    created = datetime.now(timezone.utc).isoformat()            # tokens live api.token_lifetime_days from here
+    tokens.write_text(json.dumps({hash_token(t): {"user": u, "role": r, "created": created}
+                                  for t, (u, r) in TOKENS.items()}))
     return Runtime(Settings(workdir=tmp_path / "work", database_url=database_url,
                             model=ModelSettings(path=models, threads=1), api=ApiSettings(tokens_file=tokens)))
 

@@ -211,9 +211,11 @@ def test_wrong_called_ae_is_rejected(scp: Harness) -> None:
 
 
 def test_known_ae_from_an_unlisted_host_is_rejected(tmp_path: Path) -> None:
-    """MODALITY may call only from 127.0.0.2: from 127.0.0.1 it is refused, from 127.0.0.2 accepted."""
+    """MODALITY may call only from 127.0.0.2: from 127.0.0.1 (listed for OTHER only) it gets an
+    A-ASSOCIATE-RJ, from 127.0.0.2 it is accepted."""
     from dermgate.settings import AllowedCaller
-    cfg = dicom_settings(allowed_callers=[AllowedCaller(ae_title=MODALITY, hosts=["127.0.0.2"])],
+    cfg = dicom_settings(allowed_callers=[AllowedCaller(ae_title=MODALITY, hosts=["127.0.0.2"]),
+                                          AllowedCaller(ae_title="OTHER", hosts=[LOCALHOST])],
                          host="0.0.0.0")
     with running_scp(tmp_path, cfg) as scp:
         res = echoscu(LOCALHOST, scp.port, calling=MODALITY, called=SCP_AET)
