@@ -141,6 +141,7 @@ class ApiSettings(Section):
     plain_http_behind_tls_proxy: bool = False         # production: allow plain HTTP because an ingress/mesh terminates TLS
     token_lifetime_days: float = 90.0                 # lifetime of a token issued by `dermgate api-token add` (its --days wins); tokens issued without an expiry expire this long after `created`
     max_body_bytes: int = 65536                       # request bodies above this are refused with 413, before they are read
+    max_stow_bytes: int = 256 * 1024 * 1024           # STOW-RS (/dicomweb/) bodies: whole images, after authentication
     auth_failures_before_lockout: int = 10            # failed authentications from one source, or with one token, within auth_failure_window_s before 429
     auth_failure_window_s: float = 60.0               # the window those failures are counted in
     lockout_s: float = 300.0                          # how long a locked-out source or token is answered 429 (Retry-After)

@@ -10,7 +10,7 @@ Per request, in this order, and nothing of the body read before steps 1-4:
    authentication ``api.auth_failures_before_lockout`` times within
    ``api.auth_failure_window_s`` is answered ``429`` with ``Retry-After`` for
    ``api.lockout_s``.
-3. **Authentication** (``/api/`` paths): ``Authorization: Bearer <token>`` -- the
+3. **Authentication** (``/api/`` and ``/dicomweb/`` paths): ``Authorization: Bearer <token>`` -- the
    scheme in any case, the prefix required -- naming an unexpired token of the
    tokens file, else ``401``. Failures are audited (DCM 110114), coalesced per
    source and reason into one record per ``api.audit_coalesce_s`` with their count.
@@ -59,7 +59,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PROTECTED_PREFIX = "/api/"
+PROTECTED_PREFIXES = ("/api/", "/dicomweb/")   # STOW-RS bodies are PHI too
+STOW_PREFIX = "/dicomweb/"
 DOCS_STATIC = "/docs/static"
 MAX_COMMENT_CHARS = 4000            # a review comment; longer ones are refused (422)
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -240,10 +241,12 @@ class SecurityMiddleware:
         path = scope.get("path", "")
         send = self._with_headers(send, https, path)
 
-        if path.startswith(PROTECTED_PREFIX):
+        if path.startswith(PROTECTED_PREFIXES):
             refused = await self._authenticate(scope, client, path, send)
             if refused:
                 return
+        # STOW-RS carries whole images: its own cap, and only after the token checked out
+        limit = cfg.max_stow_bytes if path.startswith(STOW_PREFIX) else cfg.max_body_bytes
         length = _header(scope, b"content-length")
         if length is not None:
             try:
@@ -251,8 +254,8 @@ class SecurityMiddleware:
             except ValueError:
                 await _json(send, 400, "malformed Content-Length")
                 return
-            if declared > cfg.max_body_bytes:
-                await _json(send, 413, f"request body larger than {cfg.max_body_bytes} bytes",
+            if declared > limit:
+                await _json(send, 413, f"request body larger than {limit} bytes",
                             {"Connection": "close"})
                 return
         started = False
@@ -264,7 +267,7 @@ class SecurityMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, self._limited(receive, cfg.max_body_bytes), tracking_send)
+            await self.app(scope, self._limited(receive, limit), tracking_send)
         except BodyTooLarge as exc:
             if not started:
                 await _json(send, 413, str(exc.detail), {"Connection": "close"})

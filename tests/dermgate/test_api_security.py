@@ -354,6 +354,8 @@ def test_expired_and_lifetime_less_tokens_are_refused_and_audited(api: Api) -> N
 def test_issued_tokens_have_a_lifetime_that_api_token_list_shows(tmp_path: Path) -> None:
     work = tmp_path / "work"
     run = [sys.executable, "-m", "dermgate.cli", "api-token"]
+    subprocess.run([sys.executable, "-m", "dermgate.cli", "migrate", "--workdir", str(work)], check=True,
+                   capture_output=True)          # tokens need an existing work dir (a typo must not make one)
     default = subprocess.run([*run, "add", "--name", "dr.a", "--workdir", str(work)], capture_output=True,
                              text=True, check=True)
     short = subprocess.run([*run, "add", "--name", "dr.b", "--days", "0.00002", "--workdir", str(work)],

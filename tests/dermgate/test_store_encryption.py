@@ -169,6 +169,8 @@ def test_production_encrypts_by_default_and_will_not_start_without_a_key(tmp_pat
 def test_store_cat_decrypts_one_file_for_an_operator_and_audits_it(tmp_path: Path) -> None:
     work = tmp_path / "work"
     env = {"DERMGATE_STORE__ENCRYPT": "true", "PATH": "/usr/bin"}
+    subprocess.run([sys.executable, "-m", "dermgate.cli", "migrate", "--workdir", str(work)],
+                   check=True, capture_output=True, env=env)   # a work dir first: only serve/demo/migrate make one
     subprocess.run([sys.executable, "-m", "dermgate.cli", "store", "init-key", "--workdir", str(work)],
                    check=True, capture_output=True, env=env)
     again = subprocess.run([sys.executable, "-m", "dermgate.cli", "store", "init-key", "--workdir", str(work)],

@@ -9,6 +9,7 @@ failure reasons and nothing accepted is lost.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import time
 from io import BytesIO
 from pathlib import Path
@@ -39,8 +40,10 @@ SOP_INSTANCE = "00081155"
 @pytest.fixture
 def service(tmp_path: Path) -> Any:
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({hash_token(TOKEN): {"user": "scope-1", "role": "modality"},
-                                  hash_token(CLINICIAN_TOKEN): {"user": "dr.derm", "role": "clinician"}}))
+    created = datetime.now(timezone.utc).isoformat()            # tokens live api.token_lifetime_days from here
+    tokens.write_text(json.dumps({hash_token(TOKEN): {"user": "scope-1", "role": "modality", "created": created},
+                                  hash_token(CLINICIAN_TOKEN): {"user": "dr.derm", "role": "clinician",
+                                                                "created": created}}))
     settings = make_settings(tmp_path / "work", None)
     settings.api = ApiSettings(port=free_port(), tokens_file=tokens)
     settings.fhir_bundle_dir = tmp_path / "bundles"
