@@ -69,7 +69,7 @@ def cmd_outcomes(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from dermgate.monitor import build_report, write_report
+    from dermgate.monitor import build_report, jsonable, write_report
     from dermgate.outcomes import parse_date
     rt = _runtime(args)
     since = parse_date(args.since) if args.since else None
@@ -78,7 +78,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         path = write_report(report, Path(args.out))
         print(f"report written to {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps(report["summary"] | {"report": report}, default=str))
+        print(json.dumps(jsonable(report["summary"] | {"report": report})))
     elif not args.out:
         from dermgate.monitor import text_summary
         print(text_summary(report))

@@ -116,3 +116,12 @@ def test_csv_import_reports_bad_lines_links_later_images_on_relink(sessions: ses
     j2 = add_image(sessions, 2, accession="A2")
     assert relink(sessions, audit, actor="cron") == {"linked": 1, "unlinked": 0}
     assert {lk[1] for lk in links(sessions)} == {j1, j2}
+
+
+def test_age_from_patients_age_or_birth_date() -> None:
+    from integration.dicom_scp.handlers import age_years
+    assert age_years("045Y", None, None) == 45
+    assert age_years("018M", None, None) == 1
+    assert age_years(None, "19700615", "20250614") == 54
+    assert age_years(None, "19700615", "20250615") == 55
+    assert age_years("bad", "nonsense", "20250101") is None
