@@ -39,6 +39,9 @@ class EventType(str, Enum):
     KEY_CHANGE = "security.key"                  # 110137 Security Alert? (key material)
     AUTH_FAILURE = "security.auth"               # 110114 User Authentication
     JOB_ADMIN = "job.admin"                      # 110100 (retry / purge by an operator)
+    LOGIN = "security.login"                     # 110114 User Authentication / 110122 Login
+    LOGOUT = "security.logout"                   # 110114 / 110123 Logout (sign-out, idle timeout, expiry)
+    USER_ADMIN = "security.user"                 # 110113 Security Alert / 110137 User Security Attributes Changed
 
 
 @dataclass(frozen=True)

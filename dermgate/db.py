@@ -3,7 +3,9 @@
 Tables: ``instances`` (what was received, with the sha256 of its bytes),
 ``jobs`` (one per instance: received -> classified -> rendered -> delivered,
 or failed), ``outbox`` (one row per delivery to one channel, written in the
-transaction that records the result), ``reviews`` (clinician decisions).
+transaction that records the result), ``reviews`` (clinician decisions);
+for the web console: ``accounts`` (local sign-in accounts, Argon2id hashes)
+and ``console_sessions`` (server-side sessions, only a token's sha256 kept).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
+from sqlalchemy import (JSON, Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
                         create_engine, event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -128,6 +130,44 @@ class Review(Base):
     diagnosis: Mapped[str | None] = mapped_column(String(16))            # one of the 7 classes on override
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    reviewer_reference: Mapped[str | None] = mapped_column(String(128))  # FHIR Practitioner/<id>, when known
+
+
+class Account(Base):
+    """A local console account (the fallback to the hospital's OpenID provider, and the demo's)."""
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))                        # clinician | compliance | operator | admin
+    password_hash: Mapped[str] = mapped_column(String(255))              # Argon2id, PHC string
+    totp_secret: Mapped[str | None] = mapped_column(String(255))         # encrypted (Fernet) base32 secret
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(TZDateTime())
+    practitioner_reference: Mapped[str | None] = mapped_column(String(128))
+    password_changed_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(TZDateTime())
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class ConsoleSession(Base):
+    """A signed-in console user: the cookie holds a random token, this row its sha256."""
+    __tablename__ = "console_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    username: Mapped[str] = mapped_column(String(128))
+    display_name: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    auth_method: Mapped[str] = mapped_column(String(16))                 # local | oidc
+    practitioner_reference: Mapped[str | None] = mapped_column(String(128))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)            # worklist / audit filters (may hold PHI)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(TZDateTime())          # absolute lifetime
+    ended_at: Mapped[datetime | None] = mapped_column(TZDateTime())
+    end_reason: Mapped[str | None] = mapped_column(String(16))           # logout | idle | expired
 
 
 def make_engine(url: str) -> Engine:

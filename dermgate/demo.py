@@ -4,6 +4,10 @@ Starts the SCP, a worker and the dispatcher with the embedded defaults in a
 fresh work dir, plays a dermatoscope (a pynetdicom SCU sending the samples as
 Dermoscopic Photography images, JPEG Baseline, in one association), waits for
 the results and prints them. Exit status 1 if any image failed.
+
+With ``--ui`` it then keeps the service running and serves the web console on
+127.0.0.1 (``--ui-port``, default 8080) until Ctrl-C or SIGTERM, with local accounts
+``clinician``, ``compliance`` and ``operator`` whose demo passwords it prints.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fhir-client-id", help="SMART client id")
     p.add_argument("--fhir-key", type=Path, help="private key (PEM) for the SMART client assertion")
     p.add_argument("--pacs", help="also forward SC + SR to a PACS: AET@HOST:PORT")
+    p.add_argument("--ui", action="store_true", help="then keep serving the web console until Ctrl-C / SIGTERM, "
+                                                     "with demo accounts clinician, compliance and operator")
+    p.add_argument("--ui-port", type=int, default=8080, help="console port on 127.0.0.1 (default 8080)")
 
 
 def free_port() -> int:
@@ -138,7 +145,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from integration.fhir.settings import FhirSettings
         fhir = FhirSettings(base_url=args.fhir_url, profile=args.fhir_profile, token_url=args.fhir_token_url,
                             client_id=args.fhir_client_id, private_key_file=args.fhir_key)
-    settings = Settings(workdir=workdir, dicom=dicom, fhir=fhir,
+    from dermgate.settings import ApiSettings
+    if args.ui and not _port_free(args.ui_port):
+        print(f"port {args.ui_port} on 127.0.0.1 is in use: choose another with --ui-port", file=sys.stderr)
+        return 2
+    settings = Settings(workdir=workdir, dicom=dicom, fhir=fhir, api=ApiSettings(host="127.0.0.1", port=args.ui_port),
                         fhir_bundle_dir=None if fhir else workdir / "fhir-bundles")
     logs.configure(settings.log_level, settings.log_dir / "dermgate.log")
     rt = Runtime(settings)
@@ -146,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not samples:
         print(f"no JPEG images in {args.images}", file=sys.stderr)
         return 2
-    service = Service(rt, roles={"scp", "worker", "dispatcher"})
+    service = Service(rt, roles={"scp", "worker", "dispatcher"} | ({"api"} if args.ui else set()))
     print(f"dermgate demo: work dir {workdir}")
     print(f"  loading the model and starting the SCP on 127.0.0.1:{port} ...")
     service.start()
@@ -169,7 +180,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print("  timed out waiting for results", file=sys.stderr)
                 break
             time.sleep(0.2)
-    finally:
+    except BaseException:
+        service.stop()
+        raise
+    if not args.ui:
         service.stop()
     truth = {ds.SOPInstanceUID: dx for _, ds, dx in samples}
     table = []
@@ -193,8 +207,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  database         : {settings.db_url}")
     print(f"  audit trail      : {settings.audit_dir}  (dermgate audit verify --workdir {workdir})")
     print(f"  logs             : {settings.log_dir / 'dermgate.log'}")
+    if args.ui:
+        try:
+            serve_console(rt, args.ui_port)
+        finally:
+            service.stop()
     rt.close()
     if failed:
         print(f"\n{failed} image(s) failed: dermgate jobs list --workdir {workdir}", file=sys.stderr)
         return 1
     return 0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+DEMO_ACCOUNTS = (("clinician", "clinician", "Dr. Demo Clinician"), ("compliance", "compliance", "Demo Compliance Officer"),
+                 ("operator", "operator", "Demo IT Operator"))
+
+
+def demo_accounts(rt: object) -> list[tuple[str, str]]:
+    """(name, password) of the demo's console accounts, made (or given new passwords) in this work dir."""
+    import secrets
+
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.console.accounts import Accounts, console_key
+    accounts = Accounts(rt.sessions, rt.settings.console, console_key(rt.settings.workdir))  # type: ignore[attr-defined]
+    out = []
+    for name, role, display in DEMO_ACCOUNTS:
+        password = f"demo-{secrets.token_urlsafe(9)}"
+        if accounts.get(name) is None:
+            accounts.add(name, role, password, display_name=display)
+        else:
+            accounts.reset(name, password)
+        rt.audit.record(AuditEvent(event=EventType.USER_ADMIN, outcome=Outcome.SUCCESS, actor="dermgate demo",  # type: ignore[attr-defined]
+                                   action="C", detail={"user_admin": "demo account", "for_user": name, "role": role}))
+        out.append((name, password))
+    return out
+
+
+def serve_console(rt: object, port: int) -> None:
+    """Print the console's address and the demo accounts, then wait for Ctrl-C or SIGTERM
+    (the service, API role included, is already running)."""
+    import signal
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logins = demo_accounts(rt)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:      # the API thread may still be binding
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    print()
+    print("Web console (Ctrl-C to stop):")
+    print(f"console: http://127.0.0.1:{port}/")
+    for name, password in logins:
+        print(f"login: {name} {password}")
+    sys.stdout.flush()
+    stop.wait()
+    print("\nstopping the console ...")
+

@@ -26,7 +26,11 @@ class ReviewError(Exception):
 
 
 def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision: str,
-                  diagnosis: str | None, comment: str | None, source: str | None = None) -> dict[str, Any]:
+                  diagnosis: str | None, comment: str | None, source: str | None = None,
+                  reviewer_reference: str | None = None, role: str = "clinician",
+                  channel: str = "api") -> dict[str, Any]:
+    """Record one review and queue its report update (one transaction); audited. The JSON API,
+    the CLI and the web console all come through here (``channel`` says which)."""
     if decision not in ("confirm", "override"):
         raise ReviewError("decision must be confirm or override")
     if decision == "override" and diagnosis not in CLASSES:
@@ -40,7 +44,8 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
         if job.result is None or job.state in (JobState.RECEIVED, JobState.CLASSIFIED):
             raise ReviewError("the AI result for this image is not ready yet", 409)
         review = Review(job_id=job.id, reviewer=reviewer, decision=decision,
-                        diagnosis=diagnosis if decision == "override" else None, comment=comment)
+                        diagnosis=diagnosis if decision == "override" else None, comment=comment,
+                        reviewer_reference=reviewer_reference)
         s.add(review)
         s.flush()
         image = ImageRef.from_object(inst)
@@ -51,11 +56,12 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
                 s.add(OutboxItem(job_id=None, channel=planner.channel, kind="review", payload=payload,
                                  business_key=f"{inst.sop_instance_uid}:review:{review.id}"))
         out = {"id": review.id, "decision": decision, "diagnosis": review.diagnosis,
-               "sop_instance_uid": inst.sop_instance_uid}
+               "sop_instance_uid": inst.sop_instance_uid, "reviewer": reviewer,
+               "created_at": review.created_at.isoformat()}
         patient_id, study_uid = inst.patient_id, inst.study_instance_uid
     rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=reviewer,
-                               actor_role="clinician", action="U", source=source, patient_id=patient_id,
+                               actor_role=role, action="U", source=source, patient_id=patient_id,
                                study_uid=study_uid, sop_instance_uids=(sop_instance_uid,),
-                               detail={"decision": decision, "diagnosis": diagnosis,
+                               detail={"decision": decision, "diagnosis": diagnosis, "via": channel,
                                        "ai_top_class": (job.result or {}).get("top_class")}))
     return out

@@ -15,6 +15,7 @@ from dermgate import __version__, metrics
 from dermgate.api.deps import RuntimeDep, User, require
 from dermgate.app import Runtime
 from dermgate.db import Instance, Job, OutboxItem, OutboxState
+from dermgate.health import readiness
 from dermgate.pipeline import queue_depth
 from inference.result import CLASSES, DISCLAIMER
 
@@ -31,39 +32,6 @@ class ReviewIn(BaseModel):
     decision: Literal["confirm", "override"]
     diagnosis: Literal[CLASSES] | None = None  # type: ignore[valid-type]
     comment: str | None = None
-
-
-def readiness(rt: Runtime, check_model: bool = True) -> dict[str, dict[str, Any]]:
-    """Each check: ok + detail. Ready only when all are ok. The model is checked only
-    where this process classifies (worker role): an SCP-only pod needs no model."""
-    checks: dict[str, dict[str, Any]] = {}
-    try:
-        with rt.db.connect() as c:
-            c.execute(text("SELECT 1"))
-        checks["database"] = {"ok": True}
-    except Exception as exc:  # noqa: BLE001
-        checks["database"] = {"ok": False, "detail": type(exc).__name__}
-    if check_model:
-        try:
-            eng = rt.classifier
-            checks["model"] = {"ok": eng.file_intact(), "providers": eng.providers}
-        except Exception as exc:  # noqa: BLE001
-            checks["model"] = {"ok": False, "detail": str(exc)[:200]}
-    try:
-        probe = rt.store.root / ".readyz"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        free = rt.store.free_bytes()
-        checks["store"] = {"ok": free >= rt.settings.dicom.min_free_bytes, "free_bytes": free}
-    except OSError as exc:
-        checks["store"] = {"ok": False, "detail": exc.strerror}
-    if rt.settings.fhir is not None and rt.settings.fhir.token_url:
-        try:
-            from dermgate.channels import fhir_token_obtainable
-            checks["fhir_token"] = {"ok": fhir_token_obtainable(rt)}
-        except Exception as exc:  # noqa: BLE001
-            checks["fhir_token"] = {"ok": False, "detail": type(exc).__name__}
-    return checks
 
 
 def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
@@ -157,4 +125,6 @@ def create_app(rt: Runtime, *, check_model: bool = True) -> FastAPI:
             return [{"id": o.id, "channel": o.channel, "attempts": o.attempts, "last_error": o.last_error}
                     for o in rows]
 
+    from dermgate.console import install as install_console
+    install_console(app, rt)
     return app
