@@ -112,6 +112,8 @@ class OidcClient:
             raise OidcError(f"the provider answered {params['error'][:60]}")
         if not params.get("state") or params["state"] != flow["state"]:
             raise OidcError("state mismatch")
+        if params.get("iss") and params["iss"] != self.metadata()["issuer"]:   # RFC 9207: mix-up defence
+            raise OidcError("the authorization response names another issuer")
         if not params.get("code"):
             raise OidcError("no authorization code")
         token = self._exchange(params["code"], flow)
