@@ -4,6 +4,7 @@ straight into the database (no model needed), a signed-in TestClient."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -44,15 +45,15 @@ def result(risk: str = "Medium", *, top: str = "nv", p_mal: float = 0.2, low_con
 
 
 def seed(rt: Runtime, n: int = 1, *, patient: str = "PAT-1", accession: str | None = None, ae: str = "SCOPE-1",
-         state: JobState = JobState.DELIVERED, res: dict[str, Any] | None = None, minutes_ago: int = 0,
-         uid_prefix: str = "1.2.826.0.1.3680043.10.1099.9") -> list[int]:
+         state: JobState = JobState.DELIVERED, res: dict[str, Any] | None = None, minutes_ago: int = 0
+         ) -> list[int]:
     """Insert ``n`` received images with their jobs; returns the job ids."""
     ids = []
     with rt.sessions.begin() as s:
         for i in range(n):
-            uid = f"{uid_prefix}.{utcnow().timestamp():.0f}.{id(ids)}.{i}.{len(ids)}"
-            inst = Instance(sop_instance_uid=uid[:64], sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.7",
-                            study_instance_uid=uid[:60] + ".1", series_instance_uid=uid[:60] + ".2",
+            uid = f"2.25.{uuid.uuid4().int}"
+            inst = Instance(sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.7",
+                            study_instance_uid=uid + ".1", series_instance_uid=uid + ".2",
                             patient_id=patient, issuer_of_patient_id="TESTHOSP", accession_number=accession,
                             study_date="20260101", calling_ae=ae, transfer_syntax_uid="1.2.840.10008.1.2.4.50",
                             sha256="0" * 64, size=1, path="objects/none.dcm",
