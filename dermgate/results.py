@@ -6,8 +6,9 @@ result, reviews, deliveries, the patient's other images). Reads only; callers au
 
 Order of the worklist: results awaiting review first; among them High risk, then Not
 assessable, then low-confidence results, then Medium and Low; newest first within each.
-The fields it sorts and filters on are read from the result JSON in SQL (``json_extract``
-on SQLite, ``->>`` on PostgreSQL), so no column duplicates the result.
+It sorts and filters on ``jobs.risk`` and ``jobs.low_confidence`` (copies of the result's
+fields: reading the JSON of every row would cost more than the page may take), and pages
+keys first: the ordering query returns job ids only, then the page's rows are read by id.
 """
 
 from __future__ import annotations
@@ -95,24 +96,34 @@ class WorklistPage:
 
 
 def _risk() -> Any:
-    return Job.result["risk"].as_string()
+    return Job.risk
 
 
 def _low_confidence() -> Any:
-    return Job.result["low_confidence"].as_boolean()
+    return Job.low_confidence
 
 
-def _latest_review() -> Any:
-    return (select(Review.job_id, func.max(Review.id).label("review_id"))
-            .group_by(Review.job_id).subquery("latest"))
+def _latest_review(job_ids: list[int] | None = None) -> Any:
+    q = select(Review.job_id, func.max(Review.id).label("review_id"))
+    if job_ids is not None:
+        q = q.where(Review.job_id.in_(job_ids))
+    return q.group_by(Review.job_id).subquery("latest")
 
 
-def _state_expr(latest: Any) -> Any:
+_RANK = {AWAITING: 0, PROCESSING: 1, FAILED: 2, REVIEWED: 3}   # the worklist's order of states
+
+
+def _state_rank() -> Any:
+    """The worklist state as its rank (one CASE, the review looked up at most once per row)."""
     return case(
-        (Job.state == JobState.FAILED, literal(FAILED)),
-        (or_(Job.result.is_(None), Job.state.in_([JobState.RECEIVED, JobState.CLASSIFIED])), literal(PROCESSING)),
-        (latest.c.review_id.is_not(None), literal(REVIEWED)),
-        else_=literal(AWAITING))
+        (Job.state == JobState.FAILED, _RANK[FAILED]),
+        (or_(Job.risk.is_(None), Job.state.in_([JobState.RECEIVED, JobState.CLASSIFIED])), _RANK[PROCESSING]),
+        (Job.reviewed_at.is_not(None), _RANK[REVIEWED]),
+        else_=_RANK[AWAITING])
+
+
+def _state_expr(latest: Any = None) -> Any:
+    return case(*((_state_rank() == rank, literal(name)) for name, rank in _RANK.items()))
 
 
 def _base(latest: Any) -> Select[Any]:
@@ -124,7 +135,7 @@ def _base(latest: Any) -> Select[Any]:
 
 def _where(q: Select[Any], f: WorklistFilter, state: Any) -> Select[Any]:
     if f.state:
-        q = q.where(state == f.state)
+        q = q.where(state == _RANK.get(f.state, -1))
     if f.risk:
         q = q.where(_risk() == f.risk)
     if f.device:
@@ -149,23 +160,33 @@ def worklist(sessions: sessionmaker, f: WorklistFilter = WorklistFilter(), *, pa
              page_size: int = 50) -> WorklistPage:
     """One page of the worklist, the number of matches and the counts per state."""
     page, page_size = max(1, page), max(1, min(page_size, 500))
-    latest = _latest_review()
-    state = _state_expr(latest)
-    state_rank = case((state == AWAITING, 0), (state == PROCESSING, 1), (state == FAILED, 2), else_=3)
+    state_rank = _state_rank()
     risk_rank = case((_risk() == "High", 0), (_risk() == "Not assessable", 1), (_low_confidence().is_(True), 2),
                      (_risk() == "Medium", 3), else_=4)
-    q = _where(_base(latest).add_columns(state.label("wstate")), f, state)
-    q = q.order_by(state_rank, risk_rank, Instance.received_at.desc(), Job.id.desc())
+    keys = select(Job.id)
+    if f.device or f.patient_id or f.accession_number or f.received_from or f.received_to:
+        keys = keys.join(Instance, Instance.id == Job.instance_id)
+    # Job.created_at is the receipt time (the job is made in the transaction that admits the image).
+    keys = _where(keys, f, state_rank).order_by(state_rank, risk_rank, Job.created_at.desc(), Job.id.desc())
     with sessions() as s:
-        rows = [_row(job, inst, rev, wstate) for job, inst, rev, wstate in
-                s.execute(q.offset((page - 1) * page_size).limit(page_size))]
-        count_q = _where(select(func.count()).select_from(Job).join(Instance, Instance.id == Job.instance_id)
-                         .outerjoin(latest, latest.c.job_id == Job.id), f, state)
-        total = int(s.scalar(count_q) or 0)
+        ids = list(s.scalars(keys.offset((page - 1) * page_size).limit(page_size)))
+        rows: list[WorklistRow] = []
+        if ids:
+            latest = _latest_review(ids)
+            found = {job.id: (job, inst, rev, wstate) for job, inst, rev, wstate in s.execute(
+                _base(latest).add_columns(_state_expr().label("wstate")).where(Job.id.in_(ids)))}
+            rows = [_row(*found[i]) for i in ids]
+        if f == WorklistFilter() or (page == 1 and len(ids) < page_size):
+            total = None
+        else:
+            total = int(s.scalar(keys.with_only_columns(func.count()).order_by(None)) or 0)
         counts = {st: 0 for st in STATES}
-        for st, n in s.execute(select(state, func.count()).select_from(Job)
-                               .outerjoin(latest, latest.c.job_id == Job.id).group_by(state)):
-            counts[st] = int(n)
+        names = {rank: name for name, rank in _RANK.items()}
+        rank = _state_rank().label("rank")
+        for r, n in s.execute(select(rank, func.count()).select_from(Job).group_by(rank)):
+            counts[names[int(r)]] = int(n)
+    if total is None:
+        total = sum(counts.values()) if f == WorklistFilter() else len(ids)
     return WorklistPage(rows, total, page, page_size, counts)
 
 

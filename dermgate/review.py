@@ -47,7 +47,7 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
                         diagnosis=diagnosis if decision == "override" else None, comment=comment,
                         reviewer_reference=reviewer_reference)
         s.add(review)
-        s.flush()
+        s.flush()      # (dermgate.db marks the job reviewed for the worklist)
         image = ImageRef.from_object(inst)
         for planner in rt.planners:
             plan_review = getattr(planner, "plan_review", None)

@@ -58,11 +58,12 @@ def seed(rt: Runtime, n: int = 1, *, patient: str = "PAT-1", accession: str | No
                             study_date="20260101", calling_ae=ae, transfer_syntax_uid="1.2.840.10008.1.2.4.50",
                             sha256="0" * 64, size=1, path="objects/none.dcm",
                             received_at=utcnow() - timedelta(minutes=minutes_ago))
+            when = inst.received_at
             s.add(inst)
             s.flush()
             job = Job(instance_id=inst.id, state=state, correlation_id="c" * 32,
                       result=None if state in (JobState.RECEIVED,) else (res or result()),
-                      outputs=None, attempts=0)
+                      outputs=None, attempts=0, created_at=when)
             s.add(job)
             s.flush()
             ids.append(job.id)

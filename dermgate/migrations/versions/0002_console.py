@@ -1,4 +1,6 @@
-"""Web console: local accounts, server-side sessions, the reviewer's Practitioner reference.
+"""Web console: local accounts, server-side sessions, the reviewer's Practitioner reference, and
+the result's risk and low-confidence flag and the newest review's time copied into ``jobs`` for
+the worklist (filled here from the stored results and reviews).
 
 Revision ID: 0002
 Revises: 0001
@@ -21,6 +23,17 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("reviews") as batch:
         batch.add_column(sa.Column("reviewer_reference", sa.String(length=128), nullable=True))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("risk", sa.String(length=16), nullable=True))
+        batch.add_column(sa.Column("low_confidence", sa.Boolean(), nullable=True))
+        batch.add_column(sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=True))
+    op.execute("UPDATE jobs SET reviewed_at = (SELECT max(r.created_at) FROM reviews r WHERE r.job_id = jobs.id)")
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("UPDATE jobs SET risk = result::json ->> 'risk', "
+                   "low_confidence = (result::json ->> 'low_confidence')::boolean WHERE result IS NOT NULL")
+    else:
+        op.execute("UPDATE jobs SET risk = json_extract(result, '$.risk'), "
+                   "low_confidence = json_extract(result, '$.low_confidence') WHERE result IS NOT NULL")
 
     op.create_table(
         "accounts",
@@ -65,5 +78,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("console_sessions")
     op.drop_table("accounts")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("reviewed_at")
+        batch.drop_column("low_confidence")
+        batch.drop_column("risk")
     with op.batch_alter_table("reviews") as batch:
         batch.drop_column("reviewer_reference")
