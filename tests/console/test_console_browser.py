@@ -149,7 +149,13 @@ def axe(drv: Any, page: str) -> None:
 
 
 def shot(drv: Any, name: str) -> None:
-    drv.save_screenshot(str(SHOTS / f"{name}.png"))
+    """The whole page at the tablet's width (the window grows to the page's height, then back)."""
+    height = int(drv.execute_script("return document.documentElement.scrollHeight"))
+    drv.set_window_size(1024, min(max(768, height + 90), 3000))
+    try:
+        drv.save_screenshot(str(SHOTS / f"{name}.png"))
+    finally:
+        drv.set_window_size(1024, 768)
 
 
 def wait(drv: Any, condition: Any, timeout: float = 20.0) -> Any:
