@@ -28,9 +28,10 @@ class ReviewError(Exception):
 def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision: str,
                   diagnosis: str | None, comment: str | None, source: str | None = None,
                   reviewer_reference: str | None = None, role: str = "clinician",
-                  channel: str = "api") -> dict[str, Any]:
+                  channel: str = "api", actor: str | None = None) -> dict[str, Any]:
     """Record one review and queue its report update (one transaction); audited. The JSON API,
-    the CLI and the web console all come through here (``channel`` says which)."""
+    the CLI and the web console all come through here (``channel`` says which). ``reviewer`` is
+    the name the report shows; ``actor``, the account in the audit trail (default: ``reviewer``)."""
     if decision not in ("confirm", "override"):
         raise ReviewError("decision must be confirm or override")
     if decision == "override" and diagnosis not in CLASSES:
@@ -59,7 +60,7 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
                "sop_instance_uid": inst.sop_instance_uid, "reviewer": reviewer,
                "created_at": review.created_at.isoformat()}
         patient_id, study_uid = inst.patient_id, inst.study_instance_uid
-    rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=reviewer,
+    rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=actor or reviewer,
                                actor_role=role, action="U", source=source, patient_id=patient_id,
                                study_uid=study_uid, sop_instance_uids=(sop_instance_uid,),
                                detail={"decision": decision, "diagnosis": diagnosis, "via": channel,

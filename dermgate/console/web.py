@@ -188,6 +188,7 @@ def install(app: FastAPI, rt: Runtime, *, oidc_now: Callable[[], float] | None =
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["when"] = _fmt_time
     templates.env.filters["pct"] = _pct
+    templates.env.filters["short"] = lambda v: v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M") if v else ""
     templates.env.globals["OUTCOME_TEXT"] = {o.value: t for o, t in OUTCOME_TEXT.items()}
     c = Console(rt, templates, Accounts(rt.sessions, rt.settings.console, key),
                 Sessions(rt.sessions, rt.settings.console, rt.audit))
@@ -500,7 +501,8 @@ def case_review(job_id: int, request: Request, user: ConsoleUser = signed_in("cl
         submit_review(c.rt, found.instance.sop_instance_uid, reviewer=user.label, decision=decision,
                       diagnosis=diagnosis or None if decision == "override" else None,
                       comment=comment.strip()[:2000] or None, source=client_ip(request),
-                      reviewer_reference=user.practitioner_reference, role=user.role, channel="console")
+                      reviewer_reference=user.practitioner_reference, role=user.role, channel="console",
+                      actor=user.username)
     except ReviewError as exc:
         flash(c, user, f"Review not recorded: {exc}")
         return see_other(f"/case/{job_id}")

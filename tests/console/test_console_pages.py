@@ -94,6 +94,7 @@ def test_review_from_the_console_goes_through_the_api_core_with_the_practitioner
     assert "Practitioner/p-7" in str(item.payload)
     (audited,) = [r.event for r in rt.audit.events() if r.event.event is EventType.REVIEW]
     assert audited.detail["via"] == "console" and audited.detail["diagnosis"] == "bcc"
+    assert audited.actor == "dr.derm"                       # the account; the report shows "Dr. Derm"
     rt.close()
 
 
