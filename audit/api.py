@@ -42,6 +42,9 @@ class EventType(str, Enum):
     JOB_ADMIN = "job.admin"                      # 110100 (retry / purge by an operator)
     OUTCOME = "outcome.link"                     # 110110 Patient Record (truth recorded / linked to a result)
     MODEL_RECALL = "model.recall"                # 110113 Security Alert, Use of Restricted Function (an operator recall)
+    LOGIN = "security.login"                     # 110114 User Authentication / 110122 Login
+    LOGOUT = "security.logout"                   # 110114 / 110123 Logout (sign-out, idle timeout, expiry)
+    USER_ADMIN = "security.user"                 # 110113 Security Alert / 110137 User Security Attributes Changed
 
 
 @dataclass(frozen=True)

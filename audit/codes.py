@@ -37,10 +37,12 @@ USER_AUTHENTICATION = Code("110114", DCM, "User Authentication")
 APPLICATION_START = Code("110120", DCM, "Application Start")
 APPLICATION_STOP = Code("110121", DCM, "Application Stop")
 LOGIN = Code("110122", DCM, "Login")
+LOGOUT = Code("110123", DCM, "Logout")
 NETWORK_CONFIGURATION = Code("110128", DCM, "Network Configuration")
 SECURITY_CONFIGURATION = Code("110129", DCM, "Security Configuration")
 SOFTWARE_CONFIGURATION = Code("110131", DCM, "Software Configuration")
 USE_OF_RESTRICTED_FUNCTION = Code("110132", DCM, "Use of Restricted Function")
+USER_SECURITY_ATTRIBUTES_CHANGED = Code("110137", DCM, "User Security Attributes Changed")
 
 # CID 402 Audit Active Participant Role ID
 ROLE_APPLICATION = Code("110150", DCM, "Application")
@@ -91,6 +93,9 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.JOB_ADMIN: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
     EventType.OUTCOME: EventCoding(PATIENT_RECORD, None),
     EventType.MODEL_RECALL: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
+    EventType.LOGIN: EventCoding(USER_AUTHENTICATION, LOGIN),
+    EventType.LOGOUT: EventCoding(USER_AUTHENTICATION, LOGOUT),
+    EventType.USER_ADMIN: EventCoding(SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED),
 }
 
 

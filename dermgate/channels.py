@@ -140,7 +140,8 @@ class FhirPlanner:
         from integration.fhir.channel import prepare_review_payload
         from integration.fhir.resources import Review, ReviewDecision
         r = Review(review_id=str(review.id), decision=ReviewDecision(review.decision), reviewer=review.reviewer,
-                   reviewed_at=review.created_at, diagnosis=review.diagnosis, comment=review.comment)
+                   reviewed_at=review.created_at, diagnosis=review.diagnosis, comment=review.comment,
+                   reviewer_reference=getattr(review, "reviewer_reference", None))
         return prepare_review_payload(image, r, self.settings)
 
 

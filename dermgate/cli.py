@@ -14,6 +14,7 @@
     dermgate monitor      live performance, drift and alarms (report)
     dermgate model        recall a model version from the PACS and the EHR
     dermgate store        store encryption key: init-key, rotate-key; cat a stored file (decrypted)
+    dermgate user         add, list, disable, enable or reset local console accounts
 
 Every command acts on a work dir: ``--workdir``, else ``$DERMGATE_WORKDIR``,
 else the current directory. Only ``serve``, ``demo`` and ``migrate`` may create one (and
@@ -212,7 +213,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         raise _Refused(f"the API token of {who.actor} has role {who.role}; only a clinician may review")
     rt = Runtime(settings, create=args.command in CREATES_WORKDIR)
     try:
-        review = submit_review(rt, args.sop_instance_uid, reviewer=who.actor, actor_role=who.role,
+        review = submit_review(rt, args.sop_instance_uid, reviewer=who.actor, role=who.role,
                                decision="override" if args.override else "confirm",
                                diagnosis=args.override, comment=args.comment)
     except ReviewError as exc:
@@ -370,6 +371,56 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    """Local console accounts (Argon2id). A new or reset password is read from stdin with
+    --password-stdin, else generated and printed once. Every change is audited."""
+    import secrets
+
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.console.accounts import AccountError, Accounts, console_key, totp_uri
+    rt = _runtime(args)
+    accounts = Accounts(rt.sessions, rt.settings.console, console_key(rt.settings.workdir))
+    try:
+        if args.action == "list":
+            rows = [(a.username, a.role, a.display_name or "", "disabled" if a.disabled else "active",
+                     a.locked_until.strftime("%Y-%m-%d %H:%M") if a.locked_until else "", "yes" if a.totp else "no",
+                     a.practitioner_reference or "", a.last_login_at.strftime("%Y-%m-%d %H:%M") if a.last_login_at
+                     else "") for a in accounts.list()]
+            print(_table(rows, ["user", "role", "name", "state", "locked until", "totp", "practitioner",
+                                "last sign-in"]))
+            return 0
+        if not args.name:
+            print("error: the user name is required", file=sys.stderr)
+            return 2
+        password = None
+        if args.action in ("add", "reset"):
+            generated = not args.password_stdin
+            password = sys.stdin.readline().rstrip("\n") if args.password_stdin else secrets.token_urlsafe(15)
+        secret = None
+        if args.action == "add":
+            secret = accounts.add(args.name, args.role, password or "", display_name=args.display_name,
+                                  practitioner_reference=args.practitioner, totp=args.totp)
+        elif args.action == "reset":
+            secret = accounts.reset(args.name, password or "", totp=True if args.totp else None)
+        else:
+            accounts.set_disabled(args.name, args.action == "disable")
+    except AccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rt.audit.record(AuditEvent(event=EventType.USER_ADMIN, outcome=Outcome.SUCCESS, actor=args.user,
+                               actor_role="admin", action="C" if args.action == "add" else "U",
+                               detail={"user_admin": args.action, "for_user": args.name,
+                                       "role": args.role if args.action == "add" else None,
+                                       "totp": bool(secret)}))
+    if password and generated:
+        print(f"password for {args.name}: {password}  (shown only this once)")
+    if secret:
+        print(f"TOTP secret for {args.name}: {secret}\n  {totp_uri(secret, args.name)}")
+    print(f"user {args.name}: {args.action} done", file=sys.stderr)
+    rt.close()
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from audit.cli import run
     if args.audit_command == "init-keys":
@@ -471,6 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("action", choices=["init-key", "rotate-key", "cat"])
     k.add_argument("path", nargs="?", help="cat: a stored file (relative to the store, or absolute)")
     k.set_defaults(func=cmd_store)
+
+    u = sub.add_parser("user", parents=[common], help="local console accounts (add, list, disable, enable, reset)")
+    u.add_argument("action", choices=["add", "list", "disable", "enable", "reset"])
+    u.add_argument("name", nargs="?", help="the account's user name")
+    u.add_argument("--role", default="clinician", choices=["clinician", "compliance", "operator", "admin"])
+    u.add_argument("--display-name", help="the name shown in the console and in review reports")
+    u.add_argument("--practitioner", help="FHIR Practitioner reference for reviews, e.g. Practitioner/123")
+    u.add_argument("--totp", action="store_true", help="add: enrol a TOTP second factor; reset: a new one")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    u.set_defaults(func=cmd_user)
 
     c = sub.add_parser("config", parents=[common], help="show the effective settings (no secrets)")
     c.set_defaults(func=cmd_config)

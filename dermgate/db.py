@@ -6,7 +6,9 @@ or failed), ``outbox`` (one row per delivery to one channel, written in the
 transaction that records the result), ``reviews`` (clinician decisions),
 ``audit_anchor`` (the audit trail's head, kept outside the trail so a trail cut
 back or deleted no longer matches it), ``outcomes`` (the truth for a lesion:
-histopathology, follow-up or consensus) and ``outcome_links`` (which AI results an outcome is the truth for).
+histopathology, follow-up or consensus) and ``outcome_links`` (which AI results an outcome is the truth for);
+for the web console: ``accounts`` (local sign-in accounts, Argon2id hashes)
+and ``console_sessions`` (server-side sessions, only a token's sha256 kept).
 """
 
 from __future__ import annotations
@@ -111,7 +113,22 @@ class Job(LeaseMixin, Base):
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     completed_at: Mapped[datetime | None] = mapped_column(TZDateTime())
     recall_id: Mapped[int | None] = mapped_column(ForeignKey("model_recalls.id"), index=True)  # result recalled
+    # Copies of two result fields the worklist sorts and filters on (reading them out of the JSON
+    # for every row costs more than the 300 ms a worklist page may take at 10,000 results).
+    risk: Mapped[str | None] = mapped_column(String(16))
+    low_confidence: Mapped[bool | None] = mapped_column(Boolean)
+    reviewed_at: Mapped[datetime | None] = mapped_column(TZDateTime())   # newest clinician review (reviews)
     __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),)
+
+
+@event.listens_for(Job, "before_insert")
+@event.listens_for(Job, "before_update")
+def _job_result_columns(mapper: Any, connection: Any, job: Job) -> None:
+    """Keep the worklist's copies in step when a result is written through the ORM
+    (the worker writes them itself in its fenced UPDATE)."""
+    if job.result is not None:
+        job.risk = job.result.get("risk")
+        job.low_confidence = bool(job.result.get("low_confidence"))
 
 
 class OutboxItem(LeaseMixin, Base):
@@ -139,6 +156,51 @@ class Review(Base):
     diagnosis: Mapped[str | None] = mapped_column(String(16))            # one of the 7 classes on override
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    reviewer_reference: Mapped[str | None] = mapped_column(String(128))  # FHIR Practitioner/<id>, when known
+
+
+class Account(Base):
+    """A local console account (the fallback to the hospital's OpenID provider, and the demo's)."""
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))                        # clinician | compliance | operator | admin
+    password_hash: Mapped[str] = mapped_column(String(255))              # Argon2id, PHC string
+    totp_secret: Mapped[str | None] = mapped_column(String(255))         # encrypted (Fernet) base32 secret
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(TZDateTime())
+    practitioner_reference: Mapped[str | None] = mapped_column(String(128))
+    password_changed_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(TZDateTime())
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class ConsoleSession(Base):
+    """A signed-in console user: the cookie holds a random token, this row its sha256."""
+    __tablename__ = "console_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    username: Mapped[str] = mapped_column(String(128))
+    display_name: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    auth_method: Mapped[str] = mapped_column(String(16))                 # local | oidc
+    practitioner_reference: Mapped[str | None] = mapped_column(String(128))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)            # worklist / audit filters (may hold PHI)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(TZDateTime())          # absolute lifetime
+    ended_at: Mapped[datetime | None] = mapped_column(TZDateTime())
+    end_reason: Mapped[str | None] = mapped_column(String(16))           # logout | idle | expired
+
+
+@event.listens_for(Review, "after_insert")
+def _review_marks_job(mapper: Any, connection: Any, review: Review) -> None:
+    """A review makes its job reviewed for the worklist, in the same transaction."""
+    jobs = Job.__table__
+    connection.execute(jobs.update().where(jobs.c.id == review.job_id).values(reviewed_at=review.created_at))
 
 
 class AuditAnchor(Base):

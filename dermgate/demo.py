@@ -14,6 +14,9 @@ patients there, as the hospital's EHR would already have them (and, for
 ``oracle-health``, the service's Practitioner, since Millennium documents need a
 Practitioner author); without one, the bundles of the chosen profile are
 written under the work dir. ``--hl7 HOST:PORT`` also sends ORU^R01 messages.
+With ``--ui`` it then keeps the service running and serves the web console on
+127.0.0.1 (``--ui-port``, default 8080) until Ctrl-C or SIGTERM, with local accounts
+``clinician``, ``compliance`` and ``operator`` whose demo passwords it prints.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fhir-key", type=Path, help="private key (PEM) for the SMART client assertion")
     p.add_argument("--pacs", help="also forward SC + SR to a PACS: AET@HOST:PORT")
     p.add_argument("--hl7", metavar="HOST:PORT", help="also send HL7 v2 ORU^R01 results over MLLP there")
+    p.add_argument("--ui", action="store_true", help="then keep serving the web console until Ctrl-C / SIGTERM, "
+                                                     "with demo accounts clinician, compliance and operator")
+    p.add_argument("--ui-port", type=int, default=8080, help="console port on 127.0.0.1 (default 8080)")
 
 
 def free_port() -> int:
@@ -229,7 +235,10 @@ def demo_settings(args: argparse.Namespace, workdir: Path, port: int) -> object:
         hl7 = Hl7Settings.model_validate({**(hl7.model_dump(mode="json", exclude_unset=True) if hl7 else {}),
                                           "host": host or "127.0.0.1", "port": int(hport)})
     bundle_dir = None if fhir.base_url else (base.fhir_bundle_dir or workdir / "fhir-bundles")
-    return base.model_copy(update={"dicom": dicom, "fhir": fhir, "hl7": hl7, "fhir_bundle_dir": bundle_dir})
+    # --ui: the console on the loopback port asked for (the API role serves it)
+    api = base.api.model_copy(update={"host": "127.0.0.1", "port": args.ui_port}) if args.ui else base.api
+    return base.model_copy(update={"dicom": dicom, "fhir": fhir, "hl7": hl7, "fhir_bundle_dir": bundle_dir,
+                                   "api": api})
 
 
 def send(datasets: list[Dataset], port: int, ae_title: str) -> list[int]:
@@ -264,6 +273,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     private_dir(workdir, tighten=False)
     os.environ["DERMGATE_WORKDIR"] = str(workdir)
     port = free_port()
+    if args.ui and not _port_free(args.ui_port):
+        print(f"port {args.ui_port} on 127.0.0.1 is in use: choose another with --ui-port", file=sys.stderr)
+        return 2
     settings: Any = demo_settings(args, workdir, port)
     samples = load_samples(args.images)
     if not samples:
@@ -285,7 +297,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             update={"author_reference": "Practitioner/dermgate-service"})})
     logs.configure(settings.log_level, settings.log_dir / "dermgate.log")
     rt = Runtime(settings)
-    service = Service(rt, roles={"scp", "worker", "dispatcher"})
+    service = Service(rt, roles={"scp", "worker", "dispatcher"} | ({"api"} if args.ui else set()))
     print(f"dermgate demo: work dir {workdir}")
     print(f"  loading the model and starting the SCP on 127.0.0.1:{port} ...")
     service.start()
@@ -308,7 +320,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print("  timed out waiting for results", file=sys.stderr)
                 break
             time.sleep(0.2)
-    finally:
+    except BaseException:
+        service.stop()
+        raise
+    if not args.ui:
         service.stop()
     truth = {ds.SOPInstanceUID: dx for _, ds, dx in samples}
     table = []
@@ -335,8 +350,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  database         : {settings.db_url}")
     print(f"  audit trail      : {settings.audit_dir}  (dermgate audit verify --workdir {workdir})")
     print(f"  logs             : {settings.log_dir / 'dermgate.log'}")
+    if args.ui:
+        try:
+            serve_console(rt, args.ui_port)
+        finally:
+            service.stop()
     rt.close()
     if failed:
         print(f"\n{failed} image(s) failed: dermgate jobs list --workdir {workdir}", file=sys.stderr)
         return 1
     return 0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+DEMO_ACCOUNTS = (("clinician", "clinician", "Dr. Demo Clinician"), ("compliance", "compliance", "Demo Compliance Officer"),
+                 ("operator", "operator", "Demo IT Operator"))
+
+
+def demo_accounts(rt: object) -> list[tuple[str, str]]:
+    """(name, password) of the demo's console accounts, made (or given new passwords) in this work dir."""
+    import secrets
+
+    from audit.api import AuditEvent, EventType, Outcome
+    from dermgate.console.accounts import Accounts, console_key
+    accounts = Accounts(rt.sessions, rt.settings.console, console_key(rt.settings.workdir))  # type: ignore[attr-defined]
+    out = []
+    for name, role, display in DEMO_ACCOUNTS:
+        password = f"demo-{secrets.token_urlsafe(9)}"
+        if accounts.get(name) is None:
+            accounts.add(name, role, password, display_name=display)
+        else:
+            accounts.reset(name, password)
+        rt.audit.record(AuditEvent(event=EventType.USER_ADMIN, outcome=Outcome.SUCCESS, actor="dermgate demo",  # type: ignore[attr-defined]
+                                   action="C", detail={"user_admin": "demo account", "for_user": name, "role": role}))
+        out.append((name, password))
+    return out
+
+
+def serve_console(rt: object, port: int) -> None:
+    """Print the console's address and the demo accounts, then wait for Ctrl-C or SIGTERM
+    (the service, API role included, is already running)."""
+    import signal
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logins = demo_accounts(rt)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:      # the API thread may still be binding
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    print()
+    print("Web console (Ctrl-C to stop):")
+    print(f"console: http://127.0.0.1:{port}/")
+    for name, password in logins:
+        print(f"login: {name} {password}")
+    sys.stdout.flush()
+    stop.wait()
+    print("\nstopping the console ...")
+

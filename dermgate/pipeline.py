@@ -193,7 +193,8 @@ class Worker:
         done = []
         for item, pred in zip(batch, predictions):
             with self.sessions.begin() as s:
-                ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json())
+                ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json(),
+                                   risk=pred.risk.value, low_confidence=pred.low_confidence)
             if not ok:
                 log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
                 continue

@@ -29,9 +29,13 @@ class ReviewError(Exception):
 
 def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision: str,
                   diagnosis: str | None, comment: str | None, source: str | None = None,
-                  actor_role: str | None = "clinician") -> dict[str, Any]:
-    """Store, plan and audit one review; ``reviewer`` is an authenticated identity (API token holder
-    or ``os:<user>``), ``actor_role`` the role that identity proves (None for an OS user)."""
+                  reviewer_reference: str | None = None, role: str | None = "clinician",
+                  channel: str = "api", actor: str | None = None) -> dict[str, Any]:
+    """Record one review and queue its report update (one transaction); audited. The JSON API,
+    the CLI and the web console all come through here (``channel`` says which). ``reviewer`` is
+    the name the report shows; ``actor``, the authenticated account in the audit trail (an API
+    token holder, ``os:<user>`` or a console account; default: ``reviewer``); ``role`` the role
+    that identity proves (None for an OS user)."""
     if decision not in ("confirm", "override"):
         raise ReviewError("decision must be confirm or override")
     if decision == "override" and diagnosis not in CLASSES:
@@ -48,9 +52,10 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
         if job.result is None or job.state in (JobState.RECEIVED, JobState.CLASSIFIED):
             raise ReviewError("the AI result for this image is not ready yet", 409)
         review = Review(job_id=job.id, reviewer=reviewer, decision=decision,
-                        diagnosis=diagnosis if decision == "override" else None, comment=comment)
+                        diagnosis=diagnosis if decision == "override" else None, comment=comment,
+                        reviewer_reference=reviewer_reference)
         s.add(review)
-        s.flush()
+        s.flush()      # (dermgate.db marks the job reviewed for the worklist)
         image = ImageRef.from_object(inst)
         for planner in review_planners(rt):      # the channels whose table entry says "reviews"
             payload = planner.plan_review(image, review)
@@ -58,11 +63,12 @@ def submit_review(rt: Runtime, sop_instance_uid: str, *, reviewer: str, decision
                 s.add(OutboxItem(job_id=None, channel=planner.channel, kind="review", payload=payload,
                                  business_key=f"{inst.sop_instance_uid}:review:{review.id}"))
         out = {"id": review.id, "decision": decision, "diagnosis": review.diagnosis,
-               "sop_instance_uid": inst.sop_instance_uid}
+               "sop_instance_uid": inst.sop_instance_uid, "reviewer": reviewer,
+               "created_at": review.created_at.isoformat()}
         patient_id, study_uid = inst.patient_id, inst.study_instance_uid
-    rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=reviewer,
-                               actor_role=actor_role, action="U", source=source, patient_id=patient_id,
+    rt.audit.record(AuditEvent(event=EventType.REVIEW, outcome=Outcome.SUCCESS, actor=actor or reviewer,
+                               actor_role=role, action="U", source=source, patient_id=patient_id,
                                study_uid=study_uid, sop_instance_uids=(sop_instance_uid,),
-                               detail={"decision": decision, "diagnosis": diagnosis,
+                               detail={"decision": decision, "diagnosis": diagnosis, "via": channel,
                                        "ai_top_class": (job.result or {}).get("top_class")}))
     return out

@@ -213,6 +213,49 @@ class RecallSettings(Section):
     fhir_action: Literal["entered-in-error", "amended"] = "entered-in-error"   # amended: kept, with the recall notice
 
 
+class OidcSettings(Section):
+    """The hospital's OpenID Connect provider (Entra ID, Okta, Keycloak, ADFS): authorization code + PKCE."""
+    issuer: str                                       # discovery at <issuer>/.well-known/openid-configuration
+    client_id: str
+    client_secret_file: Path | None = None            # confidential client (file, 0600); PKCE is used either way
+    redirect_uri: str | None = None                   # default: <console origin>/auth/oidc/callback
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    role_claim: str = "roles"                         # dotted path into the ID token claims, e.g. realm_access.roles
+    role_map: dict[str, str] = Field(default_factory=dict)   # claim value (group/role) -> dermgate role
+    username_claim: str = "preferred_username"
+    display_name_claim: str = "name"
+    practitioner_claim: str | None = None             # claim holding the FHIR Practitioner id or reference
+    practitioner_table: dict[str, str] = Field(default_factory=dict)  # username -> Practitioner/<id>
+    button_label: str = "Sign in with the hospital account"
+    ca_file: Path | None = None                       # to verify the provider's TLS certificate
+    leeway_s: int = 60                                # clock skew allowed on exp / iat
+
+    @field_validator("role_map")
+    @classmethod
+    def _roles(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(v.values()) - set(CONSOLE_ROLES))
+        if bad:
+            raise ValueError(f"role_map values must be among {', '.join(CONSOLE_ROLES)}: {bad}")
+        return v
+
+
+CONSOLE_ROLES = ("clinician", "compliance", "operator", "admin")
+
+
+class ConsoleSettings(Section):
+    """The web console (served by the api role)."""
+    enabled: bool = True
+    local_accounts: bool = True                       # off where every user signs in through OpenID Connect
+    idle_timeout_s: int = 15 * 60                     # automatic logoff (HIPAA 164.312(a)(2)(iii))
+    absolute_lifetime_s: int = 12 * 3600
+    lockout_threshold: int = 5                        # failed sign-ins in a row ...
+    lockout_s: int = 15 * 60                          # ... lock the account this long
+    page_size: int = 50
+    low_confidence_first: bool = True
+    model_card_url: str | None = None                 # default: the card shipped with the model, served by us
+    oidc: OidcSettings | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DERMGATE_", env_nested_delimiter="__", extra="forbid")
 
@@ -227,6 +270,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     fhir: FhirSettings | None = None
     fhir_bundle_dir: Path | None = None               # also write each FHIR bundle here (demo without an EHR)
     outcomes: OutcomeSettings = Field(default_factory=OutcomeSettings)

@@ -1,6 +1,7 @@
 """Request dependencies: the runtime, and the authenticated user.
 
-Users present a bearer token; the tokens file maps the token's sha256 to a
+Users present a bearer token (declared in OpenAPI as the ``bearer`` HTTP security
+scheme); the tokens file maps the token's sha256 to a
 user name, a role (clinician, compliance, operator) and an expiry, so no token
 is stored in the clear. Authentication happens before any route runs or any
 body is read, in :mod:`dermgate.api.security`, which leaves the user in the
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate.app import Runtime
@@ -48,11 +50,16 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+bearer = HTTPBearer(scheme_name="bearer", auto_error=False,
+                    description="API token issued by `dermgate api-token add` (sent as `Authorization: Bearer ...`)")
+
+
 def current_user(request: Request, rt: RuntimeDep,
-                 authorization: Annotated[str | None, Header()] = None,
-                 x_purpose_of_use: Annotated[str | None, Header()] = None) -> User:
-    """The user the security middleware authenticated (``authorization`` and ``x_purpose_of_use``
-    are declared for the OpenAPI description; the middleware has checked them)."""
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+                 x_purpose_of_use: Annotated[str | None, Header(description="v3 PurposeOfUse, default TREAT")] = None
+                 ) -> User:
+    """The user the security middleware authenticated (``credentials`` (the ``bearer`` scheme) and
+    ``x_purpose_of_use`` are declared for the OpenAPI description; the middleware has checked them)."""
     user = request.scope.get(SCOPE_USER)
     if isinstance(user, User):
         return user
@@ -80,3 +87,17 @@ def require(*roles: str):  # noqa: ANN201 - returns a FastAPI dependency
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role '{user.role}' may not do this")
         return user
     return Depends(_check)
+
+
+def _error(description: str) -> dict[str, object]:
+    from dermgate.api.models import ErrorOut
+    return {"model": ErrorOut, "description": description}
+
+
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: _error("no bearer token, or an unknown or revoked one (audited)"),
+    403: _error("the token's role may not do this (audited)"),
+}
+NOT_FOUND = {404: _error("no image with this SOP Instance UID")}
+CONFLICT = {409: _error("the AI result for this image is not ready yet")}
+
