@@ -182,7 +182,7 @@ def register_on_ehr(fhir: object, datasets: list[Dataset]) -> dict[str, str]:
     Returns the references of the Practitioner and the Organization."""
     from integration.fhir.auth import SmartBackendAuth
     from integration.fhir.client import FhirClient, build_http_client
-    auth = SmartBackendAuth.from_settings(fhir) if fhir.auth_enabled else None   # type: ignore[attr-defined]
+    auth = SmartBackendAuth.from_settings(fhir) if fhir.auth_enabled else None   # type: ignore[attr-defined,arg-type]
     client = FhirClient(build_http_client(fhir, auth=auth),                   # type: ignore[arg-type]
                         token_url=str(fhir.token_url) if fhir.token_url else None)  # type: ignore[attr-defined]
 

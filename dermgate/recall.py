@@ -81,7 +81,7 @@ def recall_model(rt: Any, *, version: str, reason: str, actor: str, fhir_action:
     now = datetime.now(timezone.utc)
     notes: dict[int, str] = {}
     dicom_planners = [p for p in rt.planners if p.channel.startswith("dicom:")]
-    for job, inst in rows:
+    for job, _inst in rows:
         if dicom_planners and (job.outputs or {}).get("sc_path"):
             notes[job.id] = ""      # written below, once the recall id is known
     per_channel: dict[str, int] = {}

@@ -114,7 +114,7 @@ class GuardedHandler(RequestHandler):
     def handle(self) -> None:
         started = time.monotonic()
         assoc = self._create_association()
-        assoc._dermgate_accepted_at = started           # read by handle_conn_open: the time budget
+        assoc._dermgate_accepted_at = started  # type: ignore[attr-defined] # read by handle_conn_open: the time budget
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         if getattr(assoc, "_dermgate_handshake_failed", False):
             self.server.shutdown_request(self.request)  # audited by handle_conn_open; nothing to run
@@ -144,7 +144,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, guard: ConnectionGuard, port_kind: str, **kwargs: Any) -> None:
         self.guard, self.port_kind = guard, port_kind
-        super().__init__(*args, request_handler=GuardedHandler, **kwargs)
+        super().__init__(*args, request_handler=GuardedHandler, **kwargs)  # type: ignore[misc]
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self.guard.admit(str(client_address[0]), self.port_kind)

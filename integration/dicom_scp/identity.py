@@ -94,7 +94,7 @@ class PeerCertificate:
             ext = None
         if ext is not None:
             for kind, general_name in SAN_KINDS.items():
-                for value in ext.get_values_for_type(general_name):  # type: ignore[type-var]
+                for value in ext.get_values_for_type(general_name):  # type: ignore[type-var,call-overload]
                     try:
                         sans.add((kind, _san_value(kind, str(value))))
                     except ValueError:

@@ -101,6 +101,7 @@ class DicomService:
         """pynetdicom's non-blocking server, made with the guarded server class (what ``start_server`` does)."""
         server = self.ae.make_server((self.cfg.host, port), ssl_context=ssl_context, evt_handlers=self.handlers(),
                                      server_class=GuardedAssociationServer, guard=self.guard, port_kind=kind)
+        assert isinstance(server, GuardedAssociationServer)
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer-{kind}", daemon=True)
         thread.start()
         self.ae._servers.append(server)

@@ -105,7 +105,7 @@ def handle_conn_open(event: Event, network_timeout: float, pre_association_timeo
         try:
             sock.do_handshake()
         except (ssl.SSLError, OSError) as exc:
-            assoc._dermgate_handshake_failed = True
+            assoc._dermgate_handshake_failed = True  # type: ignore[attr-defined]
             reason = getattr(exc, "reason", None) or type(exc).__name__
             log.warning("tls_handshake_failed", host=host, reason=reason)
             record = AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,

@@ -342,7 +342,7 @@ class FhirChannel:
         check_not_withdrawn(current)
         review = self._with_reviewer_reference(review, detail)
         applied = review_applied(current, review.review_id, self.settings)
-        status = current.get("docStatus" if rtype == "DocumentReference" else "status") if applied \
+        status = str(current.get("docStatus" if rtype == "DocumentReference" else "status") or "") if applied \
             else review_status(current, review)
         detail["status"] = status
         # Observations follow their report (R4); each is skipped once it carries this review's tag.

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dermgate.settings import DicomSettings, Settings, TlsSettings
+from dermgate.settings import Settings, TlsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -66,7 +66,7 @@ def test_recall_rejects_outputs_in_the_pacs_and_withdraws_reports_in_the_ehr(
         service.stop()
     assert all(i.state is OutboxState.SENT for i in items), [(i.channel, i.last_error) for i in items]
 
-    for src, job in zip(files, sorted(jobs, key=lambda j: j.id)):
+    for src, _job in zip(files, sorted(jobs, key=lambda j: j.id)):
         ds = pydicom.dcmread(src, stop_before_pixels=True)
         arrived = orthanc.study_instances(ds.StudyInstanceUID)
         notes = [i for i in arrived if i["SOPClassUID"] == KOS]

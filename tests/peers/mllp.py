@@ -49,7 +49,9 @@ class ListenerState:
 def ack(message_er7: str, code: str, text: str = "", error: str | None = None) -> str:
     """An ACK for the message (hl7apy), MSA-1 ``code``; ERR with HL7 table 0357 code when ``error``."""
     fields = message_er7.split("\r", 1)[0].split("|")
-    get = (lambda i: fields[i] if len(fields) > i else "")
+
+    def get(i: int) -> str:
+        return fields[i] if len(fields) > i else ""
     msg = Message("ACK", version="2.5.1", validation_level=VALIDATION_LEVEL.TOLERANT)
     msg.msh.msh_3, msg.msh.msh_4 = get(4) or "ENGINE", get(5) or "HOSPITAL"
     msg.msh.msh_5, msg.msh.msh_6 = get(2) or "SENDER", get(3) or "SENDER"
