@@ -110,13 +110,6 @@ class FhirSettings(BaseModel):
             raise ValueError("token_url, client_id and private_key_file go together")
         return self
 
-    @field_validator("author_reference", "performer_reference")
-    @classmethod
-    def _literal_reference(cls, value: str | None) -> str | None:
-        if value is not None and (value.count("/") != 1 or not all(value.split("/"))):
-            raise ValueError("a reference is Type/id, e.g. Practitioner/123")
-        return value
-
     @property
     def auth_enabled(self) -> bool:
         return self.token_url is not None

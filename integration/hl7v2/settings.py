@@ -8,8 +8,9 @@ The contract (kept stable): a ``[hl7]`` section with ``host``, ``port``,
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 
 class MessageType(str, Enum):
@@ -28,7 +29,7 @@ class Hl7Settings(BaseModel):
     receiving_facility: str = "HOSPITAL"
 
     message_type: MessageType = MessageType.ORU_R01
-    processing_id: str = Field(default="P", pattern="^[PTD]$")   # MSH-11: production / training / debug
+    processing_id: Literal["P", "T", "D"] = "P"   # MSH-11: production / training / debug
     include_pdf: bool = True                  # OBX ED with the PDF (Base64)
     patient_identifier_authority: str | None = None   # PID-3.4; default: the Issuer of Patient ID
     connect_timeout_s: float = 5.0
