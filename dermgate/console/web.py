@@ -552,7 +552,9 @@ def audit_page(request: Request, user: ConsoleUser = signed_in(*COMPLIANCE), pag
                run: int = 0) -> Response:
     from audit.search import search
     c = _console(request)
-    params = {k: request.query_params.get(k, "").strip() for k in AUDIT_FIELDS if request.query_params.get(k)}
+    params = {k: request.query_params.get(k, "").strip()[:128] for k in AUDIT_FIELDS if request.query_params.get(k)}
+    if params:      # a link from another system (``/audit?patient=ID``): keep it for paging and export
+        c.sessions.save_data(user, "audit", params)
     values = params or (user.data.get("audit") or {} if run else {})
     records: list[Any] | None = None
     if values:
@@ -564,8 +566,7 @@ def audit_page(request: Request, user: ConsoleUser = signed_in(*COMPLIANCE), pag
     page = min(max(1, page), pages)
     shown = (records or [])[(page - 1) * AUDIT_PAGE: page * AUDIT_PAGE]
     return render(c, request, "audit.html", values=values, records=shown, total=total, page=page, pages=pages,
-                  searched=records is not None, event_types=[e.value for e in EventType],
-                  from_url=bool(params))
+                  searched=records is not None, event_types=[e.value for e in EventType])
 
 
 @router.post("/audit")
