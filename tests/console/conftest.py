@@ -50,7 +50,7 @@ def seed(rt: Runtime, n: int = 1, *, patient: str = "PAT-1", accession: str | No
     """Insert ``n`` received images with their jobs; returns the job ids."""
     ids = []
     with rt.sessions.begin() as s:
-        for i in range(n):
+        for _ in range(n):
             uid = f"2.25.{uuid.uuid4().int}"
             inst = Instance(sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.7",
                             study_instance_uid=uid + ".1", series_instance_uid=uid + ".2",
