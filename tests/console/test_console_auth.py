@@ -170,6 +170,7 @@ def test_pages_carry_a_strict_csp_and_no_store(console_rt: Any, client_for: Any)
 def test_user_command_adds_lists_disables_and_resets(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     wd = str(tmp_path / "w")
+    monkeypatch.setenv("DERMGATE_WORKDIR", wd)   # the CLI sets it in-process: restored after this test
     assert cli(["user", "add", "dr.new", "--role", "clinician", "--workdir", wd, "--practitioner",
                 "Practitioner/9"]) == 0
     out = capsys.readouterr().out

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,17 +30,17 @@ def test_demo_ui_serves_the_console_with_the_printed_accounts_until_sigterm(tmp_
                              "--workdir", str(tmp_path / "demo")], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     out: list[str] = []
+    assert proc.stdout is not None
+    # Lines are read by a thread: select() on a buffered pipe misses lines already in the buffer.
+    def pump() -> None:
+        for line in iter(proc.stdout.readline, ""):  # type: ignore[union-attr]
+            out.append(line)
+    threading.Thread(target=pump, daemon=True).start()
     try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + 1200
-        while sum(line.startswith("login: ") for line in out) < 3 and time.monotonic() < deadline:
+        while sum(line.startswith("login: ") for line in list(out)) < 3 and time.monotonic() < deadline:
             assert proc.poll() is None, "".join(out)[-3000:]
-            if sel.select(timeout=1):
-                line = proc.stdout.readline()
-                if line:
-                    out.append(line)
+            time.sleep(0.5)
         text = "".join(out)
         assert f"console: http://127.0.0.1:{port}/\n" in text, text[-2000:]
         logins = dict(re.findall(r"^login: (\S+) (\S+)$", text, re.M))
