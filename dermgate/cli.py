@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config)
 
     from dermgate.cli_outcomes import add_commands
-    add_commands(sub, common)
+    add_commands(sub, common, make_runtime=_runtime)
 
     workdir_only = argparse.ArgumentParser(add_help=False)
     workdir_only.add_argument("--workdir", help="work dir (default: $DERMGATE_WORKDIR or the current directory)")

@@ -21,8 +21,8 @@ from typing import Any
 
 
 def _runtime(args: argparse.Namespace) -> Any:
-    from dermgate.cli import _runtime as runtime
-    return runtime(args)
+    """The CLI's runtime factory, handed over by ``add_commands`` (no import of dermgate.cli: no cycle)."""
+    return args.make_runtime(args)
 
 
 def cmd_outcomes(args: argparse.Namespace) -> int:
@@ -42,8 +42,8 @@ def cmd_outcomes(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(rows, indent=1))
                 return 0
-            from dermgate.cli import _table
-            print(_table([(r["id"], r["date"], r["diagnosis"], r["source"], r["accession_number"],
+            from dermgate.tables import table
+            print(table([(r["id"], r["date"], r["diagnosis"], r["source"], r["accession_number"],
                            r["fitzpatrick"], ", ".join(f"{lk['sop_instance_uid'][-20:]} ({lk['method']})"
                                                        for lk in r["links"]) or "UNLINKED")
                           for r in rows], ["id", "date", "diagnosis", "source", "accession", "fitz", "linked to"]))
@@ -98,7 +98,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
+                 make_runtime: Any) -> None:
     o = sub.add_parser("outcomes", parents=[common], help="import, list and link outcomes (histopathology truth)")
     o.add_argument("action", choices=["import", "list", "link", "unlink", "pull-fhir"])
     o.add_argument("args", nargs="*", help="import: FILE.csv; link/unlink: OUTCOME_ID SOP_INSTANCE_UID")
@@ -106,14 +107,14 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     o.add_argument("--auto", action="store_true", help="link: retry the automatic rules for unlinked outcomes")
     o.add_argument("--json", action="store_true")
     o.add_argument("--limit", type=int, default=500)
-    o.set_defaults(func=cmd_outcomes)
+    o.set_defaults(func=cmd_outcomes, make_runtime=make_runtime)
 
     m = sub.add_parser("monitor", parents=[common], help="live performance, drift and alarms")
     m.add_argument("action", choices=["report"])
     m.add_argument("--since", help="only results on or after this date (YYYY-MM-DD)")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.add_argument("--out", help="write report.html with its plots into this folder")
-    m.set_defaults(func=cmd_monitor)
+    m.set_defaults(func=cmd_monitor, make_runtime=make_runtime)
 
     md = sub.add_parser("model", parents=[common], help="model life cycle: recall a model version")
     md.add_argument("action", choices=["recall"])
@@ -121,4 +122,4 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     md.add_argument("--reason", required=True, help="why (sent to the EHR and the PACS, audited)")
     md.add_argument("--fhir-action", choices=["entered-in-error", "amended"], default=None,
                     help="default: recall.fhir_action in the settings")
-    md.set_defaults(func=cmd_model)
+    md.set_defaults(func=cmd_model, make_runtime=make_runtime)

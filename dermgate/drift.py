@@ -77,7 +77,7 @@ def drift_report(rt: Any, manifest: dict[str, Any], *, as_of: date, since: date 
     from sqlalchemy import select
 
     from dermgate.db import Instance, Job
-    from dermgate.monitor import device_label
+    from dermgate.records import device_label
     from inference.engine import default_model_dir
     from inference.ood import load_for
     mon = rt.settings.monitor

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from dermgate.records import device_label
 from inference.evaluate import ECE_BINS, auc, confusion, ece
 from inference.result import CLASSES, MALIGNANT
 
@@ -133,8 +134,6 @@ def age_band(age: int | None, edges: Sequence[int]) -> str:
     return f"{lo}-{higher[0] - 1}" if higher else f"{lo}+"
 
 
-def device_label(manufacturer: str | None, model: str | None, station: str | None) -> str:
-    return " / ".join(x or "?" for x in (manufacturer, model, station))
 
 
 def collect(sessions: Any, *, since: date | None = None, age_edges: Sequence[int] = (0, 30, 50, 70)) -> tuple[Cases, dict[str, int]]:

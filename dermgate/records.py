@@ -124,3 +124,8 @@ class Channel(Protocol):
     name: str
 
     def deliver(self, payload: dict[str, Any]) -> DeliveryOutcome: ...
+
+
+def device_label(manufacturer: str | None, model: str | None, station: str | None) -> str:
+    """One device, as the DICOM header names it: Manufacturer / Model Name / Station Name."""
+    return " / ".join(x or "?" for x in (manufacturer, model, station))

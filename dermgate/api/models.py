@@ -35,6 +35,8 @@ class AIResult(BaseModel):
     reason: str | None = Field(None, description="why the image is not assessable")
     top_class: str
     model: ModelOut
+    ood_score: float | None = Field(None, description="distance to the training data (Mahalanobis, docs/monitoring.md)")
+    out_of_distribution: bool | None = Field(None, description="the image lies outside the training distribution")
 
 
 class ResultOut(BaseModel):

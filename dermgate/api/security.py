@@ -61,6 +61,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROTECTED_PREFIXES = ("/api/", "/dicomweb/")   # STOW-RS bodies are PHI too
 STOW_PREFIX = "/dicomweb/"
+STATIC_PREFIX = "/static/"     # the web console's static files (dermgate/console)
 DOCS_STATIC = "/docs/static"
 MAX_COMMENT_CHARS = 4000            # a review comment; longer ones are refused (422)
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -320,7 +321,9 @@ class SecurityMiddleware:
 
     def _with_headers(self, send: Send, https: bool, path: str) -> Send:
         docs = path == "/docs" or path.startswith("/docs/") or path == "/redoc"
-        extra = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache"),
+        # the console's script and styles carry no PHI and may be cached; everything else may not
+        no_store = [] if path.startswith(STATIC_PREFIX) else [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+        extra = [*no_store,
                  (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                  (b"referrer-policy", b"no-referrer"),
                  (b"content-security-policy", (DOCS_CSP if docs else API_CSP).encode())]

@@ -162,7 +162,8 @@ def test_pages_carry_a_strict_csp_and_no_store(console_rt: Any, client_for: Any)
         assert "frame-ancestors 'none'" in h["content-security-policy"]
         assert "script-src 'self'" in h["content-security-policy"]
         assert h["cache-control"] == "no-store" and h["x-frame-options"] == "DENY"
-    assert "content-security-policy" not in client.get("/healthz").headers   # the JSON API is not the console's
+    # the JSON API gets the API's own CSP (dermgate/api/security.py: nothing may load), not the console's
+    assert client.get("/healthz").headers["content-security-policy"].startswith("default-src 'none'")
     static = client.get("/static/console.js")
     assert static.status_code == 200 and "no-store" not in static.headers["cache-control"]
 
@@ -171,6 +172,7 @@ def test_user_command_adds_lists_disables_and_resets(tmp_path: Path, capsys: pyt
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     wd = str(tmp_path / "w")
     monkeypatch.setenv("DERMGATE_WORKDIR", wd)   # the CLI sets it in-process: restored after this test
+    assert cli(["migrate", "--workdir", wd]) == 0  # accounts go into an existing work dir (only migrate/serve/demo make one)
     assert cli(["user", "add", "dr.new", "--role", "clinician", "--workdir", wd, "--practitioner",
                 "Practitioner/9"]) == 0
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@ and the refusals in OpenAPI, and the audited, paged ``GET /api/v1/results`` work
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -21,8 +22,10 @@ CLIN = {"Authorization": "Bearer clin-token"}
 
 def runtime(tmp_path: Path) -> Runtime:
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({hash_token("clin-token"): {"user": "ehr-worklist", "role": "clinician"},
-                                  hash_token("ops-token"): {"user": "it.ops", "role": "operator"}}))
+    created = datetime.now(timezone.utc).isoformat()     # tokens live api.token_lifetime_days from here
+    tokens.write_text(json.dumps({hash_token("clin-token"): {"user": "ehr-worklist", "role": "clinician",
+                                                             "created": created},
+                                  hash_token("ops-token"): {"user": "it.ops", "role": "operator", "created": created}}))
     return Runtime(Settings(workdir=tmp_path / "work", api=ApiSettings(tokens_file=tokens)))
 
 

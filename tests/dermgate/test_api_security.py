@@ -100,8 +100,17 @@ def _add_reviewable_image(rt: Runtime) -> None:
         s.add(inst)
         s.flush()
         s.add(Job(instance_id=inst.id, state=JobState.DELIVERED, correlation_id="c0ffee",
-                  result={"top_class": "nv"}))
+                  result=RESULT))
 
+
+
+# A result as the worker stores it (Prediction.to_json): the API's typed response needs every field.
+RESULT = {"probabilities": {"akiec": 0.01, "bcc": 0.01, "bkl": 0.05, "df": 0.01, "mel": 0.02, "nv": 0.89,
+                            "vasc": 0.01},
+          "malignancy_probability": 0.04, "risk": "Low", "uncertainty": 0.2, "low_confidence": False,
+          "assessable": True, "reason": None, "top_class": "nv",
+          "model": {"manufacturer": "dermgate project", "name": "dermgate-lite0", "version": "2.0.0",
+                    "sha256": "0" * 64, "device_uid": "2.25.1"}}
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
