@@ -31,6 +31,7 @@ class EventType(str, Enum):
     CLASSIFIED = "inference.classified"          # 110100 / 110110 Patient Record (created)
     FORWARDED = "dicom.forward"                  # 110104 (Destination)
     FHIR_DELIVERY = "fhir.delivery"              # 110106 Export
+    HL7_DELIVERY = "hl7.delivery"                # 110106 Export (HL7 v2 ORU^R01 over MLLP)
     REVIEW = "clinician.review"                  # 110110 Patient Record (updated)
     API_ACCESS = "api.access"                    # 110110 Patient Record (read)
     AUDIT_QUERY = "audit.query"                  # 110112 Query
@@ -39,6 +40,11 @@ class EventType(str, Enum):
     KEY_CHANGE = "security.key"                  # 110137 Security Alert? (key material)
     AUTH_FAILURE = "security.auth"               # 110114 User Authentication
     JOB_ADMIN = "job.admin"                      # 110100 (retry / purge by an operator)
+    OUTCOME = "outcome.link"                     # 110110 Patient Record (truth recorded / linked to a result)
+    MODEL_RECALL = "model.recall"                # 110113 Security Alert, Use of Restricted Function (an operator recall)
+    LOGIN = "security.login"                     # 110114 User Authentication / 110122 Login
+    LOGOUT = "security.logout"                   # 110114 / 110123 Logout (sign-out, idle timeout, expiry)
+    USER_ADMIN = "security.user"                 # 110113 Security Alert / 110137 User Security Attributes Changed
 
 
 @dataclass(frozen=True)

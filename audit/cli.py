@@ -10,15 +10,17 @@ The core CLI wires these in::
 
 Every command that reads the trail is itself audited (search/disclosures/verify
 as ``AUDIT_QUERY``, export as ``AUDIT_EXPORT``, rotate-key as ``KEY_CHANGE``,
-repair as ``CONFIG_CHANGE``). Exit status: 0 ok, 1 verification failed (the
-first bad record is named), 2 any other audit error (message on stderr).
+repair as ``CONFIG_CHANGE``), under the caller's authenticated identity
+(``audit.identity``: the OS user, or the holder of ``$DERMGATE_API_TOKEN``;
+``--as``/``--role`` must agree with it). Exit status: 0 ok, 1 verification
+failed (the first bad record is named), 2 any other audit error (message on
+stderr).
 ``python -m audit.cli --dir ... <command>`` runs them stand-alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
@@ -27,18 +29,18 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from audit.api import AuditEvent, EventType, Outcome
-from audit.errors import AuditError
+from audit.errors import AuditConfigError, AuditError
 from audit.export import (ExportContext, ExportFormat, disclosures, disclosures_csv, disclosures_table, export)
-from audit.keys import (PUBLIC_KEY_FILE, SIGNING_KEY_ENV, init_keys, key_provider, load_public_key, load_signer)
+from audit.keys import (PUBLIC_KEY_FILE, SIGNING_KEY_ENV, TrustedKeys, fingerprint, init_keys, key_provider,
+                        load_public_key, load_signer)
 from audit.search import AuditQuery, records_table, search
 from audit.trail import DEFAULT_CHECKPOINT_EVERY, AuditTrail, RecordListener, open_trail
+from audit.verify import read_witness
+from audit.identity import Identity, IdentityError, resolve
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_ERROR = 2
-COMMANDS = ("verify", "repair", "search", "export", "disclosures", "rotate-key", "init-keys")
-
-
 # --- argument parsing ---------------------------------------------------------------------------
 
 def _parse_time(text: str, *, end_of_day: bool = False) -> datetime:
@@ -64,8 +66,10 @@ def _event_type(text: str) -> EventType:
 
 def _add_identity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as", dest="requested_by", default=None,
-                        help="who is asking (recorded in the audit trail; default: the OS user)")
-    parser.add_argument("--role", default=None, help="role of the person asking, e.g. compliance")
+                        help="who is asking; recorded only when $DERMGATE_API_TOKEN is that person's token "
+                             "(default: the OS user, recorded as os:<user>)")
+    parser.add_argument("--role", default=None,
+                        help="role of the person asking, e.g. compliance; must be the role of $DERMGATE_API_TOKEN")
     parser.add_argument("--purpose", default=None, help="purpose of use, e.g. HOPERAT or a free text reason")
 
 
@@ -84,10 +88,20 @@ def add_arguments(subparsers: Any) -> None:
     """Add the audit sub-commands to an ``add_subparsers()`` object."""
     p = subparsers.add_parser("verify", help="check hash chain, signatures and decryption; exit 1 on damage")
     p.add_argument("--no-decrypt", action="store_true", help="integrity only (no AES key needed)")
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--pin-key", type=Path, metavar="FILE",
+                     help="trust only this Ed25519 public key (PEM), kept apart from the trail")
+    pin.add_argument("--fingerprint", metavar="HEX",
+                     help="trust only the configured public key with this fingerprint (as verify prints it)")
+    p.add_argument("--witness", type=Path, action="append", default=[], metavar="FILE",
+                   help="signed records a syslog collector received (its raw messages); the trail must hold "
+                        "each of them and reach the newest (repeatable)")
     _add_identity(p)
     p.set_defaults(audit_command="verify")
 
     p = subparsers.add_parser("repair", help="seal a torn tail left by a crash (cut + signed repair record)")
+    p.add_argument("--confirm", action="store_true",
+                   help="really cut the torn tail (without it: only say what would be cut)")
     _add_identity(p)
     p.set_defaults(audit_command="repair")
 
@@ -125,14 +139,18 @@ def add_arguments(subparsers: Any) -> None:
 
 # --- running ---------------------------------------------------------------------------------------
 
+def identify(args: argparse.Namespace, tokens_file: Path | None) -> Identity:
+    """The caller's authenticated identity; ``--as``/``--role`` must agree with it (IdentityError)."""
+    return resolve(tokens_file, claimed_user=getattr(args, "requested_by", None),
+                   claimed_role=getattr(args, "role", None))
+
+
 def _actor(args: argparse.Namespace) -> str:
-    explicit = getattr(args, "requested_by", None) or os.environ.get("DERMGATE_USER")
-    if explicit:
-        return explicit
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):                 # containers without a passwd entry
-        return f"uid:{os.getuid()}"
+    return str(args.identity.actor)
+
+
+def _role(args: argparse.Namespace) -> str | None:
+    return args.identity.role
 
 
 def _query(args: argparse.Namespace) -> AuditQuery:
@@ -147,16 +165,23 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def run(args: argparse.Namespace, trail: AuditTrail | None, *, out: TextIO | None = None,
-        err: TextIO | None = None) -> int:
+        err: TextIO | None = None, tokens_file: Path | None = None) -> int:
     """Execute the parsed audit sub-command; returns the process exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
     command = args.audit_command
     try:
+        if getattr(args, "identity", None) is None:
+            args.identity = identify(args, tokens_file)
+    except IdentityError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_ERROR
+    try:
         if command == "init-keys":
             files = init_keys(args.key_dir, force=args.force)
             print(f"keyring (0600):      {files.keyring}\nsigning key (0600):  {files.signing_key}\n"
-                  f"public key:          {files.public_key}", file=out)
+                  f"public key:          {files.public_key}\n"
+                  f"fingerprint to pin:  {fingerprint(load_public_key(files.public_key))}", file=out)
             return EXIT_OK
         if trail is None:
             print("error: the audit trail is not configured", file=err)
@@ -168,14 +193,40 @@ def run(args: argparse.Namespace, trail: AuditTrail | None, *, out: TextIO | Non
         return EXIT_ERROR
 
 
+def pinned_keys(trail: AuditTrail, pin_key: Path | None, pin_fingerprint: str | None) -> TrustedKeys | None:
+    """The keys ``verify`` trusts when pinned: that public key only, or the configured one with that fingerprint."""
+    if pin_key is not None:
+        return TrustedKeys([load_public_key(pin_key)])
+    if pin_fingerprint:
+        wanted = pin_fingerprint.strip().lower().removeprefix("ed25519:")
+        if wanted in {fp.removeprefix("ed25519:") for fp in trail.trusted.fingerprints}:
+            return trail.trusted.only("ed25519:" + wanted)
+        raise AuditConfigError(f"no configured audit public key has fingerprint ed25519:{wanted} (configured: "
+                               f"{', '.join(trail.trusted.fingerprints)}): the key beside this trail is not "
+                               "the pinned one")
+    return None
+
+
 def _verify(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextIO) -> int:
-    report = trail.verify(decrypt=not args.no_decrypt)
+    try:
+        trusted = pinned_keys(trail, args.pin_key, args.fingerprint)
+    except AuditError as exc:
+        print(f"FAILED: {exc}", file=out)
+        return EXIT_VERIFY_FAILED
+    witnesses = [w for path in args.witness for w in read_witness(path)]
+    report = trail.verify(decrypt=not args.no_decrypt, trusted=trusted, witnesses=witnesses)
     print(report.summary(), file=out)
-    detail: dict[str, Any] = {"command": "verify", "ok": report.ok, "records": report.records}
+    for fp in report.signers:
+        print(f"signed by {fp}: pin it with `dermgate audit verify --fingerprint {fp}`", file=out)
+    if trusted is None:
+        print("note: verified against the public key configured beside this installation; pin the expected "
+              "key with --pin-key FILE or --fingerprint HEX", file=out)
+    detail: dict[str, Any] = {"command": "verify", "ok": report.ok, "records": report.records,
+                              "pinned": trusted is not None, "witnessed": report.witnessed}
     if report.first_bad is not None:
         detail["first_bad_seq"] = report.first_bad.seq
     try:
-        trail.record(AuditEvent(event=EventType.AUDIT_QUERY, actor=_actor(args), actor_role=args.role,
+        trail.record(AuditEvent(event=EventType.AUDIT_QUERY, actor=_actor(args), actor_role=_role(args),
                                 purpose=args.purpose, detail=detail,
                                 outcome=Outcome.SUCCESS if report.ok else Outcome.SERIOUS_FAILURE))
     except AuditError as exc:           # a damaged log may refuse the append; the verdict stands
@@ -184,7 +235,14 @@ def _verify(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextI
 
 
 def _repair(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextIO) -> int:
-    result = trail.repair()
+    if not args.confirm:
+        torn = trail.torn_tail()
+        what = (f"cut {torn[1]} torn bytes at offset {torn[0]} and seal the log with a signed repair record"
+                if torn else "seal the log with a signed checkpoint (no torn tail)")
+        print(f"would {what}; run again with --confirm to do it (the repair is audited, and refused when the "
+              "database anchor shows the cut records were complete)", file=out)
+        return EXIT_ERROR
+    result = trail.repair(_actor(args))
     if result.torn_bytes:
         print(f"cut {result.torn_bytes} torn bytes at offset {result.torn_offset} (kept in {result.saved_as}); "
               f"sealed with signed repair record {result.sealed_seq}", file=out)
@@ -193,13 +251,15 @@ def _repair(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextI
     else:
         print("nothing to repair: the log ends in a signed record", file=out)
     trail.record(AuditEvent(event=EventType.CONFIG_CHANGE, outcome=Outcome.SUCCESS, actor=_actor(args), action="U",
-                            actor_role=args.role, detail={"change": "audit log repair", "torn_bytes": result.torn_bytes,
-                                                          "sealed_seq": result.sealed_seq}))
+                            actor_role=_role(args), detail={"change": "audit log repair",
+                                                            "torn_bytes": result.torn_bytes,
+                                                            "torn_offset": result.torn_offset,
+                                                            "sealed_seq": result.sealed_seq}))
     return EXIT_OK
 
 
 def _search(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextIO) -> int:
-    records = search(trail, _query(args), requested_by=_actor(args), role=args.role, purpose=args.purpose)
+    records = search(trail, _query(args), requested_by=_actor(args), role=_role(args), purpose=args.purpose)
     if args.output_format == "csv":
         from audit.export import write_csv
         write_csv(records, out)
@@ -212,7 +272,7 @@ def _search(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextI
 def _export(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextIO) -> int:
     destination = str(args.output) if args.output else "stdout"
     text = export(trail, args.export_format, _query(args), requested_by=_actor(args), destination=destination,
-                  role=args.role, purpose=args.purpose, ctx=ExportContext(log_id=trail.log_id))
+                  role=_role(args), purpose=args.purpose, ctx=ExportContext(log_id=trail.log_id))
     if args.output:
         _write_private(args.output, text)
         print(f"wrote {args.output}", file=err)
@@ -223,7 +283,7 @@ def _export(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextI
 
 def _disclosures(args: argparse.Namespace, trail: AuditTrail, out: TextIO, err: TextIO) -> int:
     items = disclosures(trail, args.patient, requested_by=_actor(args), include_failed=args.include_failed,
-                        since=args.since, until=args.until, role=args.role, purpose=args.purpose)
+                        since=args.since, until=args.until, role=_role(args), purpose=args.purpose)
     if args.output_format == "csv":
         disclosures_csv(items, out)
     elif args.output_format == "json":
@@ -253,7 +313,7 @@ _HANDLERS = {"verify": _verify, "repair": _repair, "search": _search, "export": 
 def open_configured_trail(directory: Path, key_file: Path | None, signing_key_file: Path | None, *,
                           public_key_files: Sequence[Path] = (),
                           checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                          auto_repair: bool = False,
+                          anchor: Any = None,
                           syslog_host: str | None = None, syslog_port: int = 6514,
                           syslog_ca_file: Path | None = None,
                           syslog_cert_file: Path | None = None, syslog_key_file: Path | None = None,
@@ -281,7 +341,7 @@ def open_configured_trail(directory: Path, key_file: Path | None, signing_key_fi
     if signer is None and not publics:
         load_signer(signing_key_file)       # raises the clear "no signing key" error
     return open_trail(Path(directory), keys, signer, trusted_public_keys=[load_public_key(p) for p in publics],
-                      checkpoint_every=checkpoint_every, auto_repair=auto_repair, listeners=all_listeners)
+                      checkpoint_every=checkpoint_every, anchor=anchor, listeners=all_listeners)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,17 +353,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--signing-key", type=Path, help="Ed25519 signing key PEM (or DERMGATE_AUDIT_SIGNING_KEY)")
     parser.add_argument("--public-key", type=Path, action="append", default=[],
                         help="extra trusted public key (e.g. a retired signing key); repeatable")
+    parser.add_argument("--tokens-file", type=Path, help="API tokens file, for --as/--role with $DERMGATE_API_TOKEN")
     add_arguments(parser.add_subparsers(dest="audit_command", required=True))
     args = parser.parse_args(argv)
     if args.audit_command == "init-keys":
         return run(args, None)
     try:
-        trail = open_configured_trail(args.dir, args.key_file, args.signing_key, public_key_files=args.public_key)
+        trail = open_configured_trail(args.dir, args.key_file, args.signing_key,
+                                      public_key_files=args.public_key + ([args.pin_key] if getattr(
+                                          args, "pin_key", None) else []))
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return run(args, trail)
+        return run(args, trail, tokens_file=args.tokens_file)
     finally:
         trail.close()
 

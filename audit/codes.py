@@ -37,10 +37,12 @@ USER_AUTHENTICATION = Code("110114", DCM, "User Authentication")
 APPLICATION_START = Code("110120", DCM, "Application Start")
 APPLICATION_STOP = Code("110121", DCM, "Application Stop")
 LOGIN = Code("110122", DCM, "Login")
+LOGOUT = Code("110123", DCM, "Logout")
 NETWORK_CONFIGURATION = Code("110128", DCM, "Network Configuration")
 SECURITY_CONFIGURATION = Code("110129", DCM, "Security Configuration")
 SOFTWARE_CONFIGURATION = Code("110131", DCM, "Software Configuration")
 USE_OF_RESTRICTED_FUNCTION = Code("110132", DCM, "Use of Restricted Function")
+USER_SECURITY_ATTRIBUTES_CHANGED = Code("110137", DCM, "User Security Attributes Changed")
 
 # CID 402 Audit Active Participant Role ID
 ROLE_APPLICATION = Code("110150", DCM, "Application")
@@ -81,8 +83,6 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.ECHO: EventCoding(APPLICATION_ACTIVITY, None),
     EventType.STORE_RECEIVED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_DESTINATION, ROLE_SOURCE),
     EventType.CLASSIFIED: EventCoding(PATIENT_RECORD, None),
-    EventType.FORWARDED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_SOURCE, ROLE_DESTINATION, True),
-    EventType.FHIR_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
     EventType.REVIEW: EventCoding(PATIENT_RECORD, None),
     EventType.API_ACCESS: EventCoding(PATIENT_RECORD, None, ROLE_DESTINATION, client_from_source=True),
     EventType.AUDIT_QUERY: EventCoding(QUERY, None, ROLE_DESTINATION, client_from_source=True),
@@ -91,11 +91,26 @@ EVENT_CODES: dict[EventType, EventCoding] = {
     EventType.KEY_CHANGE: EventCoding(SECURITY_ALERT, SECURITY_CONFIGURATION),
     EventType.AUTH_FAILURE: EventCoding(USER_AUTHENTICATION, LOGIN),
     EventType.JOB_ADMIN: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
+    EventType.OUTCOME: EventCoding(PATIENT_RECORD, None),
+    EventType.MODEL_RECALL: EventCoding(SECURITY_ALERT, USE_OF_RESTRICTED_FUNCTION),
+    EventType.LOGIN: EventCoding(USER_AUTHENTICATION, LOGIN),
+    EventType.LOGOUT: EventCoding(USER_AUTHENTICATION, LOGOUT),
+    EventType.USER_ADMIN: EventCoding(SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED),
 }
 
-# Events that send a patient's data out of the service (accounting of disclosures).
-DISCLOSURE_EVENTS = frozenset({EventType.FORWARDED, EventType.FHIR_DELIVERY, EventType.AUDIT_EXPORT,
-                               EventType.API_ACCESS})
+
+# The delivery channels' events (dermgate/channels.py's table refuses to start with a channel
+# these do not cover): dermgate is the source, the channel's peer the destination.
+EVENT_CODES.update({
+    EventType.FORWARDED: EventCoding(INSTANCES_TRANSFERRED, None, ROLE_SOURCE, ROLE_DESTINATION, True),
+    EventType.FHIR_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
+    EventType.HL7_DELIVERY: EventCoding(EXPORT, None, ROLE_SOURCE, ROLE_DESTINATION, True),
+})
+
+# Events that send a patient's data out of the service (accounting of disclosures): the
+# delivery channels that disclose, the audit export and API reads.
+DISCLOSURE_EVENTS = frozenset({EventType.AUDIT_EXPORT, EventType.API_ACCESS, EventType.FORWARDED,
+                               EventType.FHIR_DELIVERY, EventType.HL7_DELIVERY})
 
 
 def coding_for(event: EventType) -> EventCoding:

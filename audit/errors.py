@@ -12,6 +12,7 @@ missing key never yields garbage, it raises::
     ├── AuditWriteError       a record could not be made durable: do not acknowledge the action
     ├── TornTailError         the log ends in an incomplete record (crash mid-write): run repair
     └── IntegrityError        a record fails its chain, hash, signature or tag check
+        └── TruncatedError    the trail is missing, shorter, or other than its outside anchor says
 """
 
 from __future__ import annotations
@@ -61,3 +62,7 @@ class IntegrityError(AuditError):
         super().__init__(f"record {seq}: {reason}")
         self.seq = seq
         self.reason = reason
+
+
+class TruncatedError(IntegrityError):
+    """The trail is missing, ends before, or differs from the head its outside anchor (database, syslog) records."""

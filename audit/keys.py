@@ -39,7 +39,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from dermgate.durable import write_atomic
 from audit.errors import AuditConfigError, IntegrityError, MissingKeyError, SigningKeyError, WrongKeyError
 from audit.format import associated_data, b64d, b64e
 
@@ -253,9 +252,6 @@ class RecordCipher:
         kid = self.provider.active_key_id()
         return kid, self._aead(kid)[1]
 
-    def check_value(self, key_id: str) -> str:
-        return self._aead(key_id)[1]
-
     def encrypt(self, envelope: dict[str, Any], plaintext: bytes) -> None:
         """Fill ``nonce`` and ``ct``; ``kid``/``kcv`` and the bound fields must already be set."""
         aead, _ = self._aead(envelope["kid"])
@@ -318,6 +314,10 @@ class TrustedKeys:
     @property
     def fingerprints(self) -> list[str]:
         return sorted(self._keys)
+
+    def only(self, fp: str) -> TrustedKeys:
+        """The subset holding just the key with fingerprint ``fp`` (pinning)."""
+        return TrustedKeys([self._keys[fp]])
 
     def verify(self, fp: str, signature_b64: str, payload: bytes) -> None:
         key = self._keys.get(fp)
@@ -385,8 +385,30 @@ def private_pem(signer: Signer) -> bytes:
 # --- files ---------------------------------------------------------------------------------------
 
 def write_secret(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically (re)place ``path`` with ``data``, created with ``mode`` from the start."""
-    write_atomic(Path(path), data, mode=mode, dir_mode=0o700)
+    """Atomically and durably (re)place ``path`` with ``data``, created with ``mode`` from the start:
+    a temporary file (O_EXCL), fsynced, renamed over the target, then the directory fsynced.
+    The audit package stands alone, so it carries this rather than import the service's copy."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,13 @@ severity 5 notice, MSGID ``IHE+RFC-3881``, the trail's sequence number in the
 standard ``meta sequenceId`` parameter), framed with RFC 5425 octet counting
 (``MSG-LEN SP SYSLOG-MSG``) over TLS 1.2 or later (BCP 195).
 
+Each signed record of the trail (genesis, checkpoints, repairs: envelope
+only, no PHI) is also sent, as its canonical JSON with MSGID
+``DERMGATE-SIGNED``: the collector then holds the chain head outside the
+trail's reach, and ``dermgate audit verify --witness FILE`` checks the trail
+against the messages it stored (a trail cut back or rolled back no longer
+reaches the newest of them).
+
 Best effort by design: the local trail is the record of truth, so forwarding
 must never block nor fail an audited action. ``on_record`` only puts the
 message on a bounded queue (dropping it, and counting the drop, when the queue
@@ -36,6 +43,7 @@ ATNA_TLS_PORT = 6514                    # RFC 5425 syslog over TLS
 FACILITY_AUTH = 10                      # security/authorization messages (RFC 5424 table 1)
 SEVERITY_NOTICE = 5
 MSGID = "IHE+RFC-3881"                  # IHE ITI-20: DICOM/RFC 3881 audit message in MSG
+SIGNED_MSGID = "DERMGATE-SIGNED"        # a signed record of the trail (the outside witness of its head)
 BOM = "\ufeff"                          # RFC 5424 MSG-UTF8 starts with a byte order mark
 NILVALUE = "-"
 SEQUENCE_ID_MAX = 2_147_483_647         # RFC 5424 7.3.1 sequenceId range
@@ -58,12 +66,12 @@ def _header_field(value: str, limit: int) -> str:
 
 
 def syslog_message(xml: str, *, seq: int, time: datetime, hostname: str, app_name: str = "dermgate",
-                   procid: str | None = None) -> bytes:
-    """One RFC 5424 message carrying one audit message."""
+                   procid: str | None = None, msgid: str = MSGID) -> bytes:
+    """One RFC 5424 message carrying one audit message (or, with ``SIGNED_MSGID``, one signed record)."""
     pri = FACILITY_AUTH * 8 + SEVERITY_NOTICE
     sequence = (seq - 1) % SEQUENCE_ID_MAX + 1
     header = " ".join([f"<{pri}>1", format_time(time), _header_field(hostname, 255), _header_field(app_name, 48),
-                       _header_field(procid or str(os.getpid()), 128), MSGID])
+                       _header_field(procid or str(os.getpid()), 128), msgid])
     return f'{header} [meta sequenceId="{sequence}"] {BOM}{xml}'.encode("utf-8")
 
 
@@ -92,7 +100,7 @@ class SyslogTlsForwarder:
         self.connect_timeout = connect_timeout
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stats = ForwarderStats()
-        self._queue: queue.Queue[tuple[int, AuditEvent] | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[tuple[int, AuditEvent] | bytes | None] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._sock: ssl.SSLSocket | None = None
         self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
@@ -110,6 +118,16 @@ class SyslogTlsForwarder:
             self.stats.dropped += 1
             if self.stats.dropped == 1 or self.stats.dropped % 1000 == 0:
                 log.warning("audit_syslog_queue_full", dropped=self.stats.dropped)
+
+    def on_signed(self, line: bytes) -> None:
+        """Queue a signed record of the trail (genesis, checkpoint, repair) for the collector."""
+        if self._stop.is_set():
+            return
+        try:
+            self._queue.put_nowait(line)
+            self.stats.queued += 1
+        except queue.Full:
+            self.stats.dropped += 1
 
     # --- sender thread -------------------------------------------------------------------------------
 
@@ -134,7 +152,7 @@ class SyslogTlsForwarder:
                     continue
                 if item is None:                          # close() sentinel: queue drained
                     break
-                pending = self._render(*item)
+                pending = self._render_signed(item) if isinstance(item, bytes) else self._render(*item)
             try:
                 if self._sock is None:
                     self._sock = self._connect()
@@ -156,6 +174,13 @@ class SyslogTlsForwarder:
         xml = to_dicom_xml(event, self.ctx)
         return frame(syslog_message(xml, seq=seq, time=event.time or datetime.now().astimezone(),
                                     hostname=self.ctx.hostname, app_name=self.app_name))
+
+    def _render_signed(self, line: bytes) -> bytes:
+        import json
+        env = json.loads(line)
+        return frame(syslog_message(line.decode("utf-8").rstrip("\n"), seq=max(1, int(env["seq"])),
+                                    time=datetime.now().astimezone(), hostname=self.ctx.hostname,
+                                    app_name=self.app_name, msgid=SIGNED_MSGID))
 
     def _drop_socket(self) -> None:
         if self._sock is not None:

@@ -18,8 +18,14 @@ sequence number, when the newest signed record is older than
 ``checkpoint_seconds``, and on close. The newest signed record is also copied to
 ``checkpoint.json`` (the witness), so cutting records off the end of the log
 shows. A crash mid-write leaves a torn tail: ``record`` refuses to chain onto it
-(:class:`TornTailError`) until ``repair`` cuts it off, keeps the bytes in a
-``torn-*.bin`` file, and appends a signed ``repair`` record that names them.
+(:class:`TornTailError`) until an operator runs ``repair`` (never automatic),
+which cuts it off, keeps the bytes in a ``torn-*.bin`` file, and appends a
+signed ``repair`` record that names them and who asked.
+
+Outside anchor (``audit.anchor``): every durable write publishes the new head
+to the database; a trail that is missing, shorter than the anchored head, or
+holds another record there is refused (``record`` raises, ``verify`` fails),
+and ``repair`` refuses to cut a tail the anchor shows was once complete.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from audit.anchor import Anchor, AnchorError, AnchorState
 from audit.api import AuditEvent, EventType, Outcome
 from audit.errors import (AuditConfigError, AuditError, AuditWriteError, IntegrityError, SigningKeyError,
-                          TornTailError, WrongKeyError)
+                          TornTailError, TruncatedError, WrongKeyError)
 from audit.format import (FORMAT_VERSION, GENESIS_PREV, LOG_FILE, SIGNED_KINDS, TORN_PREFIX, WITNESS_FILE,
                           AuditRecord, Kind, body_to_event, canonical_json, event_to_body, format_time, parse_time,
                           record_hash, seal, signed_payload)
@@ -65,6 +72,9 @@ class RecordListener(Protocol):
     """Told about each event after it is durable (e.g. the syslog forwarder); must not block."""
 
     def on_record(self, seq: int, event: AuditEvent) -> None: ...
+
+    # optional: ``on_signed(line: bytes)`` is told each signed record (genesis, checkpoint, repair) as
+    # written, e.g. to keep a copy of the chain head at a syslog collector (an outside witness).
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class AuditTrail:
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
                  durable: bool = True,
-                 auto_repair: bool = False,
+                 anchor: Anchor | None = None,
                  listeners: Sequence[RecordListener] = (),
                  clock: Callable[[], datetime] = utcnow) -> None:
         if checkpoint_every < 2:
@@ -118,7 +128,7 @@ class AuditTrail:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.durable = durable                  # False only for benchmarks: records are not crash-safe
-        self.auto_repair = auto_repair
+        self.anchor = anchor
         self.listeners = list(listeners)
         self._clock = clock
         trusted = list(trusted_keys) + ([signer.public_key] if signer else [])
@@ -128,17 +138,30 @@ class AuditTrail:
         self._leader = False
         self._io = threading.Lock()             # one committer / repairer per process at a time
         self._closed = False
-        self.directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-        self._fd = self._open_log()
         self._broken: IntegrityError | None = None
-        try:
-            self.log_id = self._open_genesis()
-        except IntegrityError as exc:                 # still open, so verify can name the damage
-            self._broken, self.log_id = exc, ""
-        except BaseException:
-            self._closed = True
-            os.close(self._fd)
-            raise
+        self.log_id = ""
+        self._fd = -1
+        # the anchor first: a head published after this read is never ahead of the trail read next
+        anchored = anchor.current() if anchor is not None else None
+        if anchored is not None and (not self.path.exists() or self.path.stat().st_size == 0):
+            # the trail is gone (or emptied): never start a fresh one over it
+            self._broken = TruncatedError(anchored.seq, f"the audit trail {self.path} is missing or empty, but the "
+                                          f"database anchors log {anchored.log_id} with records 0..{anchored.seq}: "
+                                          "it was deleted or cut back; restore it from backup")
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            os.chmod(self.directory, _DIR_MODE)         # owner only, whatever the umask or an older mkdir left
+            self._fd = self._open_log()
+            try:
+                self.log_id = self._open_genesis(anchored)
+                if anchored is not None:
+                    self._check_anchor(anchored)
+            except IntegrityError as exc:             # still open, so verify can name the damage
+                self._broken = exc
+            except BaseException:
+                self._closed = True
+                os.close(self._fd)
+                raise
         self._reopen_after_fork()
         self._cipher = RecordCipher(keys, self.log_id)
 
@@ -154,7 +177,7 @@ class AuditTrail:
 
         def reopen() -> None:
             trail = ref()
-            if trail is None or trail._closed:
+            if trail is None or trail._closed or trail._fd < 0:
                 return
             inherited, trail._fd = trail._fd, trail._open_log()
             os.close(inherited)
@@ -164,17 +187,27 @@ class AuditTrail:
 
         os.register_at_fork(after_in_child=reopen)
 
-    def _open_genesis(self) -> str:
+    def _open_genesis(self, anchored: AnchorState | None) -> str:
         with self._flock():
             if os.fstat(self._fd).st_size == 0:
+                if anchored is not None:            # emptied between the check above and the lock
+                    raise TruncatedError(anchored.seq, f"the audit trail {self.path} is empty, but the database "
+                                                       f"anchors records 0..{anchored.seq}; restore it from backup")
                 if self.signer is None:
                     raise SigningKeyError(f"{self.path} is new and needs a signing key for its genesis record")
                 log_id = hashlib.sha256(os.urandom(32)).hexdigest()[:32]
+                self.log_id = log_id
                 now = self._clock()
                 line, _ = self._signed_line(Kind.GENESIS, 0, GENESIS_PREV, now, log_id=log_id,
                                             extra={"format": "dermgate-audit", "created": format_time(now)})
                 self._write(line, 0, signed_line=line)
                 self._fsync_dir()
+                if self.anchor is not None:         # at once: from now on this log must exist
+                    digest = json.loads(line)["hash"]
+                    try:
+                        self.anchor.advance(AnchorState(log_id, 0, digest, 0, digest))
+                    except AnchorError as exc:      # published again (and retried) with the next write
+                        log.warning("audit_anchor_write_failed", error=str(exc), seq=0)
                 log.info("audit_log_created", directory=str(self.directory))
                 return log_id
         first = self._read_first_line()
@@ -189,6 +222,38 @@ class AuditTrail:
             return str(genesis["log"])
         except (ValueError, KeyError, TypeError, AttributeError, SigningKeyError) as exc:
             raise IntegrityError(0, f"genesis record invalid ({exc}); run `dermgate audit verify`") from None
+
+    def _check_anchor(self, anchored: AnchorState) -> None:
+        """Refuse a trail that is not the anchored log, ends before the anchored head, or differs there."""
+        if anchored.log_id != self.log_id:
+            raise TruncatedError(0, f"this trail is log {self.log_id}, but the database anchors log "
+                                    f"{anchored.log_id} (records 0..{anchored.seq}): the trail was replaced")
+        with self._flock():
+            complete = self._complete_records_end()
+            last = self._last_complete(complete)
+        if last is None or last[0] < anchored.seq:
+            end = -1 if last is None else last[0]
+            raise TruncatedError(end + 1, f"truncated: the database anchors record {anchored.seq} but the trail "
+                                          f"ends at record {end}; records {end + 1}..{anchored.seq} are missing "
+                                          "(cut back or rolled back); restore audit.log from backup")
+        if last[0] == anchored.seq and last[1] != anchored.hash:
+            raise TruncatedError(anchored.seq, "differs from the record the database anchors at this position "
+                                               "(trail rolled back and rewritten)")
+
+    def _complete_records_end(self) -> int:
+        """Offset just past the last complete record (before a torn tail, if any). Caller holds the flock."""
+        torn = self._torn()
+        return torn[0] if torn is not None else os.fstat(self._fd).st_size
+
+    def _last_complete(self, end: int) -> tuple[int, str] | None:
+        if end == 0:
+            return None
+        _, line = self._last_line(end)
+        try:
+            env = json.loads(line)
+            return int(env["seq"]), str(env["hash"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def _read_first_line(self) -> bytes:
         with open(self.path, "rb") as fh:
@@ -239,7 +304,7 @@ class AuditTrail:
 
     def _commit(self, batch: list[_Pending]) -> None:
         with self._flock():
-            tail = self._tail_or_repair()
+            tail = self._read_tail()
             kid, kcv = self._cipher.active()
             if tail.kid == kid and tail.kcv != kcv:
                 raise WrongKeyError(f"the active audit key {kid!r} is not the key that encrypted record {tail.seq}; "
@@ -292,7 +357,7 @@ class AuditTrail:
         return line, envelope["hash"]
 
     def _write(self, data: bytes, size_before: int, *, signed_line: bytes | None) -> None:
-        """Append, fsync, and update the witness; on failure cut back to ``size_before``."""
+        """Append, fsync, update the witness and publish the head; on failure cut back to ``size_before``."""
         try:
             view = memoryview(data)
             while view:
@@ -308,6 +373,12 @@ class AuditTrail:
             raise AuditWriteError(f"audit log {self.path} could not be written: {exc.strerror}") from exc
         if signed_line is not None:
             write_secret(self.witness_path, signed_line, mode=_FILE_MODE)
+            self._notify_signed(signed_line)
+        if self.anchor is not None and self.log_id:
+            head = json.loads(data[data.rfind(b"\n", 0, len(data) - 1) + 1:])
+            signed = json.loads(signed_line) if signed_line is not None else None
+            self.anchor.publish(AnchorState(self.log_id, int(head["seq"]), str(head["hash"]),
+                                            signed["seq"] if signed else None, signed["hash"] if signed else None))
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -350,22 +421,14 @@ class AuditTrail:
         torn = self._torn()
         if torn is not None:
             raise TornTailError(f"audit log {self.path} ends in an incomplete record ({torn[1]} bytes at offset "
-                                f"{torn[0]}), left by a crash mid-write; run `dermgate audit repair`",
+                                f"{torn[0]}), left by a crash mid-write (or a cut); see `dermgate audit verify`, "
+                                "then `dermgate audit repair --confirm`",
                                 offset=torn[0], length=torn[1])
         size = os.fstat(self._fd).st_size
         _, line = self._last_line(size)
         env = json.loads(line)
         return _Tail(seq=int(env["seq"]), hash=str(env["hash"]), kind=str(env["kind"]), kid=env.get("kid"),
                      kcv=env.get("kcv"), time=parse_time(env["time"]))
-
-    def _tail_or_repair(self) -> _Tail:
-        try:
-            return self._read_tail()
-        except TornTailError:
-            if not self.auto_repair:
-                raise
-            self._repair_locked()
-            return self._read_tail()
 
     # --- sealing -------------------------------------------------------------------------------------
 
@@ -382,12 +445,29 @@ class AuditTrail:
             self._write(line, os.fstat(self._fd).st_size, signed_line=line)
             return tail.seq + 1
 
-    def repair(self) -> RepairResult:
-        """Cut off a torn tail (kept in ``torn-*.bin``) and seal the log with a signed record."""
-        with self._io, self._flock():
-            return self._repair_locked()
+    def repair(self, actor: str) -> RepairResult:
+        """Cut off a torn tail (kept in ``torn-*.bin``) and seal the log with a signed record naming ``actor``.
 
-    def _repair_locked(self) -> RepairResult:
+        An operator's act, never automatic: refused when the trail is damaged
+        otherwise, or when the outside anchor shows the cut-off bytes belonged to
+        records that were once complete (that is a cut, not a crash).
+        """
+        if self._broken is not None:
+            raise type(self._broken)(self._broken.seq, f"refusing to repair: {self._broken.reason}")
+        anchored = self.anchor.current() if self.anchor is not None else None
+        with self._io, self._flock():
+            if anchored is not None:
+                self._check_anchor_locked(anchored)
+            return self._repair_locked(actor)
+
+    def _check_anchor_locked(self, anchored: AnchorState) -> None:
+        last = self._last_complete(self._complete_records_end())
+        if anchored.log_id == self.log_id and (last is None or last[0] < anchored.seq):
+            raise TruncatedError(anchored.seq, f"refusing to repair: the database anchors record {anchored.seq} but "
+                                               f"the complete records end at {None if last is None else last[0]}; "
+                                               "records were cut off, not torn by a crash: restore from backup")
+
+    def _repair_locked(self, actor: str) -> RepairResult:
         torn = self._torn()
         if torn is None:
             tail = self._read_tail()
@@ -405,7 +485,7 @@ class AuditTrail:
         now = max(self._clock(), tail.time)
         saved = self.directory / f"{TORN_PREFIX}{tail.seq + 1}-{now.strftime('%Y%m%dT%H%M%S%fZ')}.bin"
         write_secret(saved, data, mode=_FILE_MODE)
-        line, _ = self._signed_line(Kind.REPAIR, tail.seq + 1, tail.hash, now, extra={"torn": {
+        line, _ = self._signed_line(Kind.REPAIR, tail.seq + 1, tail.hash, now, extra={"by": actor, "torn": {
             "bytes": length, "offset": offset, "sha256": hashlib.sha256(data).hexdigest(), "saved_as": saved.name}})
         self._write(line, offset, signed_line=line)
         log.warning("audit_torn_tail_repaired", torn_bytes=length, sealed_seq=tail.seq + 1)
@@ -413,6 +493,8 @@ class AuditTrail:
 
     def torn_tail(self) -> tuple[int, int] | None:
         """(offset, length) of a torn tail if the log has one."""
+        if self._broken is not None:
+            raise self._broken
         with self._io, self._flock():
             return self._torn()
 
@@ -443,9 +525,19 @@ class AuditTrail:
     def events(self, **kwargs: Any) -> Iterator[AuditRecord]:
         return (r for r in self.records(**kwargs) if r.event is not None)
 
-    def verify(self, *, decrypt: bool = True) -> VerifyReport:
-        """Verify the whole log under this trail's trusted keys (see :mod:`audit.verify`)."""
-        return verify_log(self.directory, self.trusted, self.keys if decrypt else None)
+    def verify(self, *, decrypt: bool = True, trusted: TrustedKeys | None = None,
+               witnesses: Sequence[dict[str, Any]] = ()) -> VerifyReport:
+        """Verify the whole log (see :mod:`audit.verify`) under ``trusted`` (default: this trail's keys),
+        against the database anchor and any ``witnesses`` (signed records kept elsewhere)."""
+        anchored: AnchorState | None = None
+        anchor_error: str | None = None
+        if self.anchor is not None:
+            try:
+                anchored = self.anchor.current()      # before reading the log (see audit.anchor)
+            except AnchorError as exc:
+                anchor_error = str(exc)
+        return verify_log(self.directory, trusted or self.trusted, self.keys if decrypt else None,
+                          anchor=anchored, anchor_error=anchor_error, witnesses=witnesses)
 
     # --- keys ------------------------------------------------------------------------------------------
 
@@ -462,6 +554,16 @@ class AuditTrail:
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
+    def _notify_signed(self, line: bytes) -> None:
+        for listener in self.listeners:
+            on_signed = getattr(listener, "on_signed", None)
+            if on_signed is None:
+                continue
+            try:
+                on_signed(line)
+            except Exception as exc:                  # best effort, as for events
+                log.warning("audit_listener_failed", listener=type(listener).__name__, error=type(exc).__name__)
+
     def _notify(self, seq: int, event: AuditEvent) -> None:
         for listener in self.listeners:
             try:
@@ -474,13 +576,16 @@ class AuditTrail:
         if self._closed:
             return
         try:
-            if self.signer is not None:
+            if self.signer is not None and self._fd >= 0:
                 self.checkpoint()
         except AuditError as exc:                      # torn or damaged: leave it for verify/repair
             log.warning("audit_close_unsealed", error=type(exc).__name__)
         finally:
             self._closed = True
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+            if self.anchor is not None:
+                self.anchor.close()
             for listener in self.listeners:
                 closer = getattr(listener, "close", None)
                 if closer is not None:
@@ -510,7 +615,7 @@ def open_trail(directory: Path, key_provider: KeyProvider, signing_key: Signer |
                trusted_public_keys: Sequence[Path | Ed25519PublicKey] = (),
                checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
-               auto_repair: bool = False,
+               anchor: Anchor | None = None,
                listeners: Sequence[RecordListener] = (),
                clock: Callable[[], datetime] = utcnow,
                durable: bool = True) -> AuditTrail:
@@ -525,5 +630,5 @@ def open_trail(directory: Path, key_provider: KeyProvider, signing_key: Signer |
     if signer is None and not trusted:
         raise SigningKeyError("open_trail needs a signing key or at least one trusted public key")
     return AuditTrail(directory, key_provider, signer, trusted_keys=trusted, checkpoint_every=checkpoint_every,
-                      checkpoint_seconds=checkpoint_seconds, durable=durable, auto_repair=auto_repair,
+                      checkpoint_seconds=checkpoint_seconds, durable=durable, anchor=anchor,
                       listeners=listeners, clock=clock)

@@ -6,6 +6,8 @@ Part 1, the trail alone (encrypted, chained, checkpoint every 100):
   fsync      one thread, ``record`` returns after fdatasync (production setting)
   no-fsync   one thread, ``durable=False`` (the CPU cost: JSON, AES-GCM, hashing)
   fsync xN   N threads at once: group commit shares one fsync between queued events
+  fsync+anchor  one thread, fsync, the head published to an SQLite ``audit_anchor`` table
+             (``audit.anchor.DbAnchor``, a background writer): what the outside anchor costs
 Part 2, a pynetdicom C-STORE SCP receiving ``--stores`` images from dcmtk's
 ``storescu`` over one association, with handler variants run alternately:
   ack         answer 0x0000 at once (the protocol floor)
@@ -36,10 +38,10 @@ from pynetdicom import AE, evt
 from audit.api import AuditEvent, EventType, Outcome
 from audit.keys import Keyring, Signer
 from audit.trail import AuditTrail
+from tests.peers.dcmtk import STORESCU   # dcmtk's storescu, even where pynetdicom's is first on PATH
 
 VL_PHOTOGRAPHIC = UID("1.2.840.10008.5.1.4.1.1.77.1.4")
 STATUS_SUCCESS = 0x0000
-STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
 
 
 def _event(i: int) -> AuditEvent:
@@ -63,6 +65,19 @@ def bench_trail(root: Path, events: int, threads: int) -> dict[str, float]:
             trail.record(_event(i))
         rates[name] = events / (time.perf_counter() - start)
         trail.close()
+    from audit.anchor import DbAnchor
+    from dermgate.db import AuditAnchor, make_engine
+    from dermgate.migrate import upgrade
+    url = f"sqlite:///{root / 'anchor.db'}"
+    upgrade(url)
+    trail = AuditTrail(root / "trail-anchor", Keyring.generate(), Signer.generate(), checkpoint_every=100,
+                       anchor=DbAnchor(make_engine(url), AuditAnchor.__table__, owns_engine=True))
+    trail.record(_event(0))
+    start = time.perf_counter()
+    for i in range(events):
+        trail.record(_event(i))
+    rates["fsync+anchor"] = events / (time.perf_counter() - start)
+    trail.close()
     trail = _trail(root / "trail-threads")
     per_thread = max(1, events // threads)
 

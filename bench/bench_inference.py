@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     for bs in BATCH_SIZES:
         batch = images[:bs]
         x = np.stack([engine.preprocess(im) for im in batch])
-        xin = tta_batch(x) if engine.tta else x
+        xin = tta_batch(x, engine.manifest.tta_views) if engine.tta else x
         rows = {
-            "bare": timeit(lambda: bare.run(None, {INPUT_NAME: xin}), args.seconds),
-            "engine": timeit(lambda: engine.predict(batch, cam=False), args.seconds),
-            "engine+cam": timeit(lambda: engine.predict(batch, cam=True), args.seconds),
+            "bare": timeit(lambda xin=xin: bare.run(None, {INPUT_NAME: xin}), args.seconds),
+            "engine": timeit(lambda batch=batch: engine.predict(batch, cam=False), args.seconds),
+            "engine+cam": timeit(lambda batch=batch: engine.predict(batch, cam=True), args.seconds),
         }
         base = float(np.median(rows["bare"]))
         for name, t in rows.items():

@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from dermgate.db import Job, JobState, OutboxItem, OutboxState
 from dermgate.demo import jpeg_to_dicom
-from tests.peers.dcmtk import dcmtk_env
+from tests.peers.dcmtk import STORESCU, dcmtk_env
 from tests.peers.orthanc import free_port
 from tests.peers.postgres import create_database, drop_database, start_server
 
@@ -84,7 +84,7 @@ def run_once(pg_server_url: str, files: list[Path], workers: int, root: Path) ->
         time.sleep(3.0)  # workers' models loaded and verified
         t0 = time.monotonic()
         chunks = [files[i::4] for i in range(4)]
-        senders = [subprocess.Popen(["storescu", "-aet", BENCH_AE, "-aec", "DERMGATE", "-xy", "-R",
+        senders = [subprocess.Popen([STORESCU, "-aet", BENCH_AE, "-aec", "DERMGATE", "-xy", "-R",
                                      "127.0.0.1", str(ports[i % 2]), *map(str, chunk)],
                                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                    for i, chunk in enumerate(chunks)]

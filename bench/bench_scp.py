@@ -5,7 +5,8 @@ wrapped by img2dcm) from one ``storescu -xy`` association (TCP_NODELAY=1), in th
 Ours runs with durability: the real Intake (fsynced object + SQLite WAL commit of the row and
 its job) and the real encrypted audit trail when it opens (``--audit none`` for a no-op sink);
 the line printed says which. A bare pynetdicom SCP that only writes files is measured too, as
-the ceiling of the toolkit.
+the ceiling of the toolkit. The same dermgate SCP is measured a second time with the store
+encrypted at rest (AES-256-GCM per object, the production default) to show what encryption costs.
 
     PYTHONPATH=. .venv/bin/python bench/bench_scp.py --n 300
 """
@@ -35,6 +36,7 @@ from dermgate.intake import Intake  # noqa: E402
 from dermgate.settings import AllowedCaller, DicomSettings, Settings  # noqa: E402
 from dermgate.store import ObjectStore  # noqa: E402
 from integration.dicom_scp.scp import DicomService  # noqa: E402
+from tests.peers.dcmtk import IMG2DCM, STORESCP, STORESCU  # noqa: E402  (dcmtk's, not pynetdicom's)
 
 SIZE = (600, 450)                       # width x height, as the issue's target
 CALLING, CALLED = "BENCHSCU", "DERMGATE"
@@ -121,7 +123,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
         img = cv2.resize(source, SIZE, interpolation=cv2.INTER_CUBIC)
         jpg = folder / "tmp.jpg"
         cv2.imwrite(str(jpg), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        subprocess.run(["img2dcm", "-vlp", "-k", f"PatientID=BENCH{i:05d}", "-k", "StudyID=1",
+        subprocess.run([IMG2DCM, "-vlp", "-k", f"PatientID=BENCH{i:05d}", "-k", "StudyID=1",
                         str(jpg), str(out)], check=True, capture_output=True)
     return files
 
@@ -129,7 +131,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
 def send(port: int, files: list[Path]) -> float:
     """Seconds for one storescu -xy association carrying ``files``."""
     t0 = time.perf_counter()
-    res = subprocess.run(["storescu", "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
+    res = subprocess.run([STORESCU, "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
                           *map(str, files)], capture_output=True, text=True, env=ENV)
     elapsed = time.perf_counter() - t0
     if res.returncode != 0:
@@ -150,12 +152,17 @@ def open_audit(workdir: Path, kind: str) -> tuple[Any, str]:
 
 
 @contextmanager
-def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int,
-                 intake_cls: type[Intake] = Intake) -> Iterator[tuple[int, str, ObjectStore, Any]]:
+def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int, intake_cls: type[Intake] = Intake,
+                 encrypted: bool = False) -> Iterator[tuple[int, str, ObjectStore, Any]]:
     workdir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(f"sqlite:///{workdir / 'dermgate.db'}")
     create_schema(engine)
-    store = ObjectStore(workdir / "store")
+    cipher = None
+    if encrypted:
+        from audit.keys import Keyring
+        from dermgate.store import StoreCipher
+        cipher = StoreCipher(Keyring.generate())             # a keyring is a KeyProvider
+    store = ObjectStore(workdir / "store", cipher)
     audit, audit_desc = open_audit(workdir, audit_kind)
     cfg = DicomSettings(ae_title=CALLED, port=0, max_pdu=max_pdu,
                         allowed_callers=[AllowedCaller(ae_title=CALLING, hosts=["127.0.0.1"])])
@@ -174,7 +181,7 @@ def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int,
 def dcmtk_storescp(outdir: Path) -> Iterator[int]:
     outdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen(["storescp", "+xa", "-aet", CALLED, "-od", str(outdir), str(port)],
+    proc = subprocess.Popen([STORESCP, "+xa", "-aet", CALLED, "-od", str(outdir), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         _wait_port(port)
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audit", choices=["auto", "real", "none"], default="auto")
     ap.add_argument("--max-pdu", type=int, default=DicomSettings().max_pdu)
     ap.add_argument("--no-bare", action="store_true", help="skip the bare pynetdicom reference")
+    ap.add_argument("--no-encrypted", action="store_true", help="skip the encrypted-store run")
     ap.add_argument("--intake", choices=["service", "prototype"], default="service",
                     help="prototype: the overlapped-fsync Intake proposed above (not the service's)")
     args = ap.parse_args(argv)
@@ -248,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = c.execute(text("select count(*) from instances")).scalar_one()
     if rows != len(files) + len(warmup):
         raise SystemExit(f"expected {len(files) + len(warmup)} instance rows, found {rows}")
+    if not args.no_encrypted:
+        with dermgate_scp(run / "dermgate-encrypted", args.audit, args.max_pdu, intake_cls,
+                          encrypted=True) as (port, _, store, _engine):
+            send(port, warmup)
+            rates["encrypted"] = len(files) / send(port, files)
+            sample = next((store.root / "objects").rglob("*.dcm"))
+            if not sample.read_bytes().startswith(b"DGS1"):
+                raise SystemExit("the encrypted run wrote a plaintext object")
     with dcmtk_storescp(run / "storescp") as port:
         send(port, warmup)
         rates["storescp"] = len(files) / send(port, files)
@@ -263,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dcmtk storescp (write file only, no fsync):               {rates['storescp']:7.1f} images/s")
     print(f"ratio dermgate / storescp: {rates['dermgate'] / rates['storescp']:.3f}"
           + (f"; dermgate / bare pynetdicom: {rates['dermgate'] / rates['bare']:.2f}" if "bare" in rates else ""))
+    if "encrypted" in rates:
+        print(f"dermgate SCP, store encrypted at rest (AES-256-GCM per object): {rates['encrypted']:7.1f} images/s; "
+              f"encrypted / plain store: {rates['encrypted'] / rates['dermgate']:.3f}")
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0

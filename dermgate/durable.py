@@ -9,6 +9,10 @@ A process killed between create and rename leaves its temporary file behind.
 Its name says who wrote it (``.<name>.<host>+<pid>.<random>.tmp``), so that
 :func:`clean_orphans`, run at start, removes the leftovers of dead processes on
 this host at once and never a file a live process is still writing.
+
+What dermgate writes holds PHI or protects it (images, outputs, bundles, keys,
+the audit trail, logs, the database), so files are 0600 and folders 0700 by
+default, whatever the process umask: modes are set explicitly, not requested.
 """
 
 from __future__ import annotations
@@ -39,14 +43,49 @@ def owner_tag() -> str:
     return f"{host_tag()}+{os.getpid()}"
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, dir_mode: int = 0o750) -> Path:
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def private_dir(path: Path, *, mode: int = PRIVATE_DIR_MODE, tighten: bool = True) -> Path:
+    """``mkdir -p`` whose every created folder gets ``mode`` (a plain ``mkdir(mode=...)`` is masked by the
+    umask, and ``parents=True`` ignores ``mode`` for the parents). ``tighten`` also sets ``mode`` on
+    ``path`` when it already exists (a folder an older release made 0755); its parents are left alone."""
+    path = Path(path)
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=mode)
+        except FileExistsError:                     # another process made it meanwhile
+            pass
+        os.chmod(folder, mode)
+    if tighten and not missing:
+        os.chmod(path, mode)
+    return path
+
+
+def private_file(path: Path, *, mode: int = PRIVATE_FILE_MODE) -> Path:
+    """Create ``path`` empty with ``mode`` if missing (else set ``mode``), e.g. before SQLite or a log opens it."""
+    path = Path(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode))
+    os.chmod(path, mode)
+    return path
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE,
+                 dir_mode: int = PRIVATE_DIR_MODE) -> Path:
     """Durably replace ``path`` with ``data``; raises OSError (callers translate it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+    private_dir(path.parent, mode=dir_mode, tighten=False)
     tmp = path.with_name(f".{path.name}.{owner_tag()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
+            os.fchmod(fd, mode)                     # exactly ``mode``, whatever the umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

@@ -14,7 +14,8 @@
     audit:  every step above records an AuditEvent ................. audit/
 
 The core speaks in ImageRef / Prediction / Outputs; pydicom and HTTP stay in
-the channels and the output writers it calls.
+the channels, the decoder and the renderer it is given (integration/dicom_scp/stages.py
+for DICOM), injected like the classifier.
 
 Errors: a stage that fails is retried with back-off, up to ``max_attempts``; a failure
 that retrying cannot change is dead-lettered at once, with its reason for a person::
@@ -35,11 +36,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from io import BytesIO
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pydicom
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
@@ -48,22 +48,34 @@ from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState, OutboxItem, OutboxState, utcnow
 from dermgate.queue import backoff, claim, fenced_update, owner_id, release, release_dead_owners
-from dermgate.records import Channel, ImageRef, Outputs
-from dermgate.settings import WorkerSettings
+from dermgate.records import Channel, DeliveryOutcome, ImageRef, Outputs
 from dermgate.store import ObjectStore
 from inference.result import Prediction
+
+if TYPE_CHECKING:
+    from dermgate.settings import WorkerSettings
 
 log = structlog.get_logger("dermgate.pipeline")
 
 ACTIVE_JOB_STATES = (JobState.RECEIVED, JobState.CLASSIFIED)
+LEASE_MARGIN_S = 5.0   # database round trips around one delivery, on top of the channel's own bound
 
 
 class PipelineError(Exception):
-    """A stage failed; retried with back-off up to ``max_attempts``."""
+    """A stage failed; ``permanent`` errors dead-letter at once instead of retrying. Decoders
+    and renderers raise it (or a subclass) when they know another try cannot succeed."""
+
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class PermanentError(PipelineError):
     """Retrying cannot help: the job is dead-lettered at once with this reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=True)
 
 
 _TRANSIENT = (OSError, MemoryError)
@@ -84,6 +96,26 @@ class Classifier(Protocol):
     def predict(self, images: list[np.ndarray]) -> list[Prediction]: ...
 
 
+class Decoder(Protocol):
+    """Reads a stored object and decodes its pixels (DICOM: integration/dicom_scp/stages.py).
+    The parsed object is opaque to the core: it only travels on to ``rgb`` and the renderer."""
+
+    def read(self, data: bytes) -> Any: ...
+
+    def image_ref(self, ref: ImageRef, source: Any) -> ImageRef:
+        """``ref`` completed from the object's header (order context, time zone, body site)."""
+        ...
+
+    def rgb(self, source: Any) -> np.ndarray: ...
+
+
+class Renderer(Protocol):
+    """Writes one image's outputs (Grad-CAM SC, AI-result SR, heatmap PNG) into ``folder`` and
+    reads them back; returns their paths relative to the store root."""
+
+    def render(self, source: Any, prediction: Prediction, folder: Path, image_rgb: np.ndarray | None) -> Outputs: ...
+
+
 class Planner(Protocol):
     """Turns a finished result into an outbox payload for one channel (``None``: nothing to send).
     A planner may also offer ``plan_review(image, review)`` (see dermgate/review.py)."""
@@ -101,48 +133,54 @@ class Loaded:
     job_id: int
     correlation_id: str
     image: ImageRef
-    dataset: pydicom.Dataset
+    dataset: Any                     # the parsed object, as the decoder read it (opaque to the core)
     rgb: np.ndarray | None = None
 
 
 # ---- stages: small typed functions -------------------------------------------------------------
 
-def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
+def load(store: ObjectStore, inst: Instance, job: Job, decoder: Decoder) -> Loaded:
     """Stage 1: read the stored object back (it was fsynced before Success was answered).
     A missing or unreadable file is transient (a volume not mounted yet); bytes that do not
     parse are permanent."""
     data = store.read(inst.path)
     with permanent_unless_transient("stored object cannot be parsed"):
-        ds = pydicom.dcmread(BytesIO(data))
-    return Loaded(job.id, job.correlation_id, ImageRef.from_object(inst), ds)
+        source = decoder.read(data)
+        image = decoder.image_ref(ImageRef.from_object(inst), source)
+    return Loaded(job.id, job.correlation_id, image, source)
 
 
-def decode(item: Loaded) -> np.ndarray:
+def decode(item: Loaded, decoder: Decoder) -> np.ndarray:
     """Stage 2a: the first frame as RGB; an image that does not decode fails permanently."""
-    from integration.dicom_scp.decode import decode_rgb
     with permanent_unless_transient("pixel data cannot be decoded"):
-        item.rgb = decode_rgb(item.dataset)
+        item.rgb = decoder.rgb(item.dataset)
     return item.rgb
 
 
-def classify(loaded: list[Loaded], classifier: Classifier) -> list[Prediction]:
-    """Stage 2: decode pixels to RGB and run the model on the batch."""
-    return classifier.predict([item.rgb if item.rgb is not None else decode(item) for item in loaded])
+def classify(loaded: list[Loaded], classifier: Classifier, decoder: Decoder) -> list[Prediction]:
+    """Stage 2: decode pixels to RGB (unless already decoded) and run the model on the batch."""
+    return classifier.predict([item.rgb if item.rgb is not None else decode(item, decoder) for item in loaded])
 
 
-def derived_dir(image: ImageRef) -> str:
+def derived_dir(image: ImageRef, *, opaque: bool = False) -> str:
+    """This image's output folder; ``opaque`` (an encrypted store) names it by hashes of the UIDs, so a
+    directory listing does not show Study and SOP Instance UIDs. Either way a re-run finds the same folder."""
+    if opaque:
+        import hashlib
+        study = hashlib.sha256(image.study_instance_uid.encode()).hexdigest()[:32]
+        sop = hashlib.sha256(image.sop_instance_uid.encode()).hexdigest()[:32]
+        return f"derived/{study}/{sop}"
     return f"derived/{image.study_instance_uid}/{image.sop_instance_uid}"
 
 
-def render(store: ObjectStore, item: Loaded, prediction: Prediction) -> Outputs:
+def render(store: ObjectStore, item: Loaded, prediction: Prediction, renderer: Renderer) -> Outputs:
     """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, written and read back.
 
     Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
     """
-    from integration.dicom_scp.outputs import write_outputs
     with permanent_unless_transient("outputs cannot be built"):
-        written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb)
-    return written.to_record(store.root)
+        return renderer.render(item.dataset, prediction,
+                               store.path(derived_dir(item.image, opaque=store.encrypted)), item.rgb)
 
 
 def plan(planners: list[Planner], store: ObjectStore, item: Loaded, prediction: Prediction,
@@ -177,10 +215,11 @@ class Worker:
     """Claims jobs, runs stages 1-4, and commits each stage's result fenced on its lease."""
 
     def __init__(self, sessions: sessionmaker, store: ObjectStore, classifier: Classifier, audit: AuditSink,
-                 planners: list[Planner], cfg: WorkerSettings, owner: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 planners: list[Planner], cfg: WorkerSettings, *, decoder: Decoder, renderer: Renderer,
+                 owner: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions, self.store, self.classifier, self.audit = sessions, store, classifier, audit
         self.planners, self.cfg, self.clock = planners, cfg, clock
+        self.decoder, self.renderer = decoder, renderer
         self.owner = owner or owner_id("worker")
         self._reaper = DeadOwnerReaper(Job, cfg.lease_seconds, clock)
 
@@ -196,13 +235,13 @@ class Worker:
         ready: list[tuple[Loaded, Prediction]] = []
         for job, inst in rows:
             try:
-                loaded = load(self.store, inst, job)
-                decode(loaded)
+                loaded = load(self.store, inst, job, self.decoder)
+                decode(loaded, self.decoder)
             except PermanentError as exc:
                 self._fail(job, inst, str(exc), permanent=True)
                 continue
             except Exception as exc:  # noqa: BLE001 - any read failure is a job failure, recorded
-                self._fail(job, inst, f"cannot read stored object: {exc}")
+                self._fail(job, inst, f"cannot read stored object: {exc}", permanent=_permanent(exc))
                 continue
             # A job resumed after CLASSIFIED is classified again rather than reloaded: the
             # model is deterministic and the Grad-CAM map is derivable, so nothing but the
@@ -219,7 +258,7 @@ class Worker:
     def _classify(self, batch: list[Loaded], jobs: Mapping[int, Job], insts: Mapping[int, Instance]) -> list[tuple[Loaded, Prediction]]:
         t0 = self.clock()
         try:
-            predictions = classify(batch, self.classifier)
+            predictions = classify(batch, self.classifier, self.decoder)
         except Exception as exc:  # noqa: BLE001 - retry each job individually with back-off
             for item in batch:
                 self._fail(jobs[item.job_id], insts[item.job_id], f"classification failed: {exc}")
@@ -228,7 +267,8 @@ class Worker:
         done = []
         for item, pred in zip(batch, predictions):
             with self.sessions.begin() as s:
-                ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json())
+                ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json(),
+                                   risk=pred.risk.value, low_confidence=pred.low_confidence)
             if not ok:
                 log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
                 continue
@@ -250,13 +290,13 @@ class Worker:
     def _render_and_plan(self, job: Job, inst: Instance, item: Loaded, prediction: Prediction) -> None:
         t0 = self.clock()
         try:
-            outputs = render(self.store, item, prediction)
+            outputs = render(self.store, item, prediction, self.renderer)
             plans = plan(self.planners, self.store, item, prediction, outputs)
         except PermanentError as exc:
             self._fail(job, inst, str(exc), permanent=True)
             return
         except Exception as exc:  # noqa: BLE001
-            self._fail(job, inst, f"rendering failed: {exc}")
+            self._fail(job, inst, f"rendering failed: {exc}", permanent=_permanent(exc))
             return
         metrics.STAGE_SECONDS.labels("render").observe(self.clock() - t0)
         plans = [(c, p) for c, p in plans if p is not None]
@@ -311,24 +351,56 @@ class Worker:
 
 class Dispatcher:
     """Delivers outbox rows through their channels: at least once, made exactly once by the
-    channels' idempotency (same SOP Instance UIDs for DICOM, conditional create for FHIR)."""
+    channels' idempotency (same SOP Instance UIDs for DICOM, conditional create for FHIR).
+
+    The service runs one Dispatcher per channel, each on its own thread, so a hung EHR
+    cannot hold up PACS forwarding. A claim's lease is derived from the channel's own
+    bound on one delivery (``max_delivery_s``, from its timeouts): the dispatcher claims
+    only as many rows as it can deliver before the lease runs out, and no fewer than one.
+    """
 
     def __init__(self, sessions: sessionmaker, channels: Mapping[str, Channel], cfg: WorkerSettings,
-                 audit: AuditSink, owner: str | None = None) -> None:
+                 audit: AuditSink, owner: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions, self.channels, self.cfg, self.audit = sessions, channels, cfg, audit
         self.owner = owner or owner_id("dispatch")
-        self._reaper = DeadOwnerReaper(OutboxItem, cfg.lease_seconds)
+        self.clock = clock
+        self._reaper = DeadOwnerReaper(OutboxItem, cfg.lease_seconds, clock)
+
+    def delivery_bound_s(self) -> float:
+        """The longest one delivery may take on any of this dispatcher's channels."""
+        bounds = [float(getattr(ch, "max_delivery_s", 0.0) or 0.0) for ch in self.channels.values()]
+        return max([*bounds, 0.0])
+
+    def lease_plan(self) -> tuple[int, float]:
+        """(rows per claim, lease seconds): as many rows as fit ``lease_seconds`` at the channel's
+        worst case, at least one; the lease then covers that many worst-case deliveries."""
+        bound = self.delivery_bound_s()
+        if bound <= 0:
+            return self.cfg.batch_size, self.cfg.lease_seconds
+        fits = int(self.cfg.lease_seconds // (bound + LEASE_MARGIN_S))
+        batch = max(1, min(self.cfg.batch_size, fits))
+        return batch, max(self.cfg.lease_seconds, batch * (bound + LEASE_MARGIN_S))
 
     def run_once(self) -> int:
         self._reaper.maybe_run(self.sessions)
+        batch, lease_s = self.lease_plan()
         with self.sessions.begin() as s:
             # Only rows for channels this process can deliver: another process's rows stay unleased.
-            items = claim(s, OutboxItem, (OutboxState.PENDING,), self.owner, self.cfg.lease_seconds,
-                          self.cfg.batch_size, OutboxItem.channel.in_(list(self.channels)))
+            items = claim(s, OutboxItem, (OutboxState.PENDING,), self.owner, lease_s,
+                          batch, OutboxItem.channel.in_(list(self.channels)))
             job_ids = {i.job_id for i in items if i.job_id is not None}
             cids = dict(s.execute(select(Job.id, Job.correlation_id).where(Job.id.in_(job_ids))).all()) \
                 if job_ids else {}
-        for item in items:
+        claimed_at = self.clock()
+        for n, item in enumerate(items):
+            bound = float(getattr(self.channels[item.channel], "max_delivery_s", 0.0) or 0.0)
+            if n and self.clock() - claimed_at + bound + LEASE_MARGIN_S > lease_s:
+                # Not enough lease left for a worst-case delivery: hand the rest back.
+                with self.sessions.begin() as s:
+                    for rest in items[n:]:
+                        fenced_update(s, OutboxItem, rest.id, self.owner, lease_owner=None, lease_expires_at=None)
+                break
             self._deliver(item, cids.get(item.job_id))
         return len(items)
 
@@ -337,41 +409,53 @@ class Dispatcher:
         try:
             outcome = channel.deliver(item.payload)
         except Exception as exc:  # noqa: BLE001 - a channel bug must not kill the dispatcher
-            from dermgate.records import DeliveryOutcome
             outcome = DeliveryOutcome(ok=False, retryable=True, reason=f"{type(exc).__name__}: {exc}")
         metrics.DELIVERIES.labels(item.channel.split(":")[0], "ok" if outcome.ok else "error").inc()
         now = utcnow()
+        attempts = item.attempts + 1
         with self.sessions.begin() as s:
             if outcome.ok:
-                fenced_update(s, OutboxItem, item.id, self.owner, state=OutboxState.SENT, sent_at=now,
-                              remote_ref=outcome.remote_ref, attempts=item.attempts + 1, last_error=None,
-                              lease_owner=None, lease_expires_at=None)
-                if item.job_id is not None:
+                fenced = fenced_update(s, OutboxItem, item.id, self.owner, state=OutboxState.SENT, sent_at=now,
+                                       remote_ref=outcome.remote_ref, attempts=attempts, last_error=None,
+                                       lease_owner=None, lease_expires_at=None)
+                if fenced and item.job_id is not None:
                     pending = s.scalar(select(func.count()).select_from(OutboxItem).where(
                         OutboxItem.job_id == item.job_id, OutboxItem.state != OutboxState.SENT))
                     if pending == 0:
                         s.query(Job).filter(Job.id == item.job_id, Job.state == JobState.RENDERED).update(
                             {"state": JobState.DELIVERED, "completed_at": now})
-                log.info("delivered", channel=item.channel, outbox_id=item.id, correlation_id=cid)
-                return
-            attempts = item.attempts + 1
-            dead = not outcome.retryable or attempts >= self.cfg.max_attempts * 4
-            delay = max(outcome.retry_after_s or 0.0,
-                        backoff(attempts, self.cfg.backoff_base_s, self.cfg.backoff_max_s))
-            fenced_update(s, OutboxItem, item.id, self.owner, attempts=attempts,
-                          last_error=(outcome.reason or "")[:2000],
-                          state=OutboxState.DEAD if dead else OutboxState.PENDING,
-                          next_attempt_at=now + timedelta(seconds=delay), lease_owner=None, lease_expires_at=None)
-            if dead and item.job_id is not None:
-                s.query(Job).filter(Job.id == item.job_id).update(
-                    {"state": JobState.FAILED, "last_error": f"{item.channel}: {outcome.reason}"[:2000]})
+            else:
+                dead = not outcome.retryable or attempts >= self.cfg.delivery_max_attempts
+                delay = max(outcome.retry_after_s or 0.0,
+                            backoff(attempts, self.cfg.backoff_base_s, self.cfg.backoff_max_s))
+                fenced = fenced_update(s, OutboxItem, item.id, self.owner, attempts=attempts,
+                                       last_error=(outcome.reason or "")[:2000],
+                                       state=OutboxState.DEAD if dead else OutboxState.PENDING,
+                                       next_attempt_at=now + timedelta(seconds=delay), lease_owner=None,
+                                       lease_expires_at=None)
+                if fenced and dead and item.job_id is not None:
+                    s.query(Job).filter(Job.id == item.job_id).update(
+                        {"state": JobState.FAILED, "last_error": f"{item.channel}: {outcome.reason}"[:2000]})
+        if not fenced:
+            # Another dispatcher holds the row now (our lease ran out): its record stands, not ours.
+            log.warning("delivery_lease_lost", channel=item.channel, outbox_id=item.id, correlation_id=cid,
+                        delivered=outcome.ok)
+            return
+        if outcome.ok:
+            log.info("delivered", channel=item.channel, outbox_id=item.id, correlation_id=cid)
+            return
         log.warning("delivery_dead_letter" if dead else "delivery_retry", channel=item.channel,
                     outbox_id=item.id, correlation_id=cid, attempts=attempts, retry_in_s=None if dead else round(delay, 2),
-                    reason=(outcome.reason or "")[:200])
+                    reason=(outcome.log_reason if outcome.log_reason is not None else outcome.reason or "")[:200])
 
     def release_all(self) -> int:
         with self.sessions.begin() as s:
             return release(s, OutboxItem, self.owner)
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Whether a stage's error says that another try cannot succeed."""
+    return isinstance(exc, PipelineError) and exc.permanent
 
 
 def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float) -> None:

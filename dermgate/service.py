@@ -35,6 +35,7 @@ class Service:
         self.loops: list[Any] = []
         self.scp: Any = None
         self.api_server: Any = None
+        self.api_app: Any = None
 
     def start(self) -> None:
         rt = self.rt
@@ -49,9 +50,9 @@ class Service:
                 self.loops.append(w)
                 self._thread(f"worker-{i}", w.run_once)
         if "dispatcher" in self.roles:
-            d = rt.dispatcher()
-            self.loops.append(d)
-            self._thread("dispatcher", d.run_once)
+            for d in rt.dispatchers():
+                self.loops.append(d)
+                self._thread(f"dispatcher-{next(iter(d.channels))}", d.run_once)
         if "api" in self.roles:
             self._start_api()
         if "scp" in self.roles:
@@ -77,7 +78,8 @@ class Service:
         self.rt.audit.record(AuditEvent(event=EventType.CONFIG_CHANGE, outcome=Outcome.SUCCESS, actor="dermgate",
                                         action="U", detail={"sha256": digest, "previous_sha256": previous,
                                                             "settings": public}))
-        marker.write_text(digest)
+        from dermgate.durable import write_atomic
+        write_atomic(marker, digest.encode())
 
     def _clean_store(self) -> None:
         """Remove the temporary files dead processes left in the store (a kill -9 mid-write)."""
@@ -97,17 +99,21 @@ class Service:
         import uvicorn
 
         from dermgate.api.main import create_app
-        app = create_app(self.rt, check_model="worker" in self.roles)
+        app = create_app(self.rt, check_model="worker" in self.roles, check_ehr="dispatcher" in self.roles)
         api = self.rt.settings.api
         tls: dict[str, Any] = {}
         if api.tls_cert_file and api.tls_key_file:
             tls = {"ssl_certfile": str(api.tls_cert_file), "ssl_keyfile": str(api.tls_key_file),
                    "ssl_ciphers": "ECDHE+AESGCM:ECDHE+CHACHA20"}   # BCP 195 AEAD suites
-        cfg = uvicorn.Config(app, host=api.host, port=api.port, log_level="warning", access_log=False, **tls)
+        # proxy_headers off: X-Forwarded-For counts only from api.trusted_proxies (dermgate/api/security.py),
+        # not from whatever uvicorn's FORWARDED_ALLOW_IPS default (loopback) would trust.
+        cfg = uvicorn.Config(app, host=api.host, port=api.port, log_level="warning", access_log=False,
+                             proxy_headers=False, server_header=False, **tls)
         if tls:
             import ssl
             cfg.load()
             cfg.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # type: ignore[union-attr]
+        self.api_app = app
         self.api_server = uvicorn.Server(cfg)
         self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         t = threading.Thread(target=self.api_server.run, name="api", daemon=True)
@@ -122,6 +128,8 @@ class Service:
             self.api_server.should_exit = True
         for t in self.threads:
             t.join(timeout)
+        if self.api_app is not None:
+            self.api_app.state.security.close()     # write the pending coalesced audit summaries
         released = sum(loop.release_all() for loop in self.loops)
         self.rt.audit.record(AuditEvent(event=EventType.APP_STOP, outcome=Outcome.SUCCESS, actor="dermgate",
                                         detail={"released_leases": released}))

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from audit.keys import KEY_ENV, SIGNING_KEY_ENV  # noqa: E402
+from dermgate.store import KEY_ENV as STORE_KEY_ENV  # noqa: E402
 from dermgate.settings import Settings  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "configuration.md"
@@ -337,6 +338,8 @@ def render() -> str:
         "takes precedence over `audit.key_file` |",
         f"| `{SIGNING_KEY_ENV}` | the audit signing key (Ed25519 PKCS#8 PEM, or base64 of the 32-byte seed); "
         "takes precedence over `audit.signing_key_file` |",
+        f"| `{STORE_KEY_ENV}` | the store keyring (JSON, base64 of it, or one base64 AES-256 key) that encrypts "
+        "received objects, outputs and FHIR bundle files at rest; takes precedence over `store.key_file` |",
         "",
     ]
     return "\n".join(out)

@@ -33,6 +33,7 @@ import structlog
 from inference import postprocess as post
 from inference.cam import grad_cam
 from inference.errors import ImageDecodeError, InvalidInputError, ModelIntegrityError, ModelLoadError
+from inference.ood import image_stats, load_for
 from inference.preprocess import prepare
 from inference.result import CLASSES, ModelInfo, Prediction, Risk
 
@@ -51,6 +52,20 @@ UUID_OID_ROOT = "2.25"
 _DEVICE_UID_NAMESPACE = uuid.UUID("6f1c1c52-3d3f-5b0e-9a7e-6d65726d6761")  # fixed: dermgate models
 # Test-time augmentation: the four flips of the square input; logits are averaged.
 TTA_VIEWS = ("identity", "hflip", "vflip", "hvflip")
+# The dihedral group of the square input: the 4 flips plus the 4 transposed views
+# (90 and 270 degree rotations and the two diagonal mirrors). Dermoscopy has no
+# up or down, so each is as plausible as the original.
+D8_VIEWS = (*TTA_VIEWS, "transpose", "rot90", "rot270", "antitranspose")
+_VIEW_FN = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x[..., ::-1],
+    "vflip": lambda x: x[..., ::-1, :],
+    "hvflip": lambda x: x[..., ::-1, ::-1],
+    "transpose": lambda x: x.swapaxes(-1, -2),
+    "rot90": lambda x: x.swapaxes(-1, -2)[..., ::-1],
+    "rot270": lambda x: x.swapaxes(-1, -2)[..., ::-1, :],
+    "antitranspose": lambda x: x.swapaxes(-1, -2)[..., ::-1, ::-1],
+}
 
 
 def default_model_dir() -> Path:
@@ -105,6 +120,7 @@ class Manifest:
     hair_removal: bool
     tta: bool
     calibration: dict[str, post.Calibration]   # "plain" and "tta"
+    tta_views: tuple[str, ...]
     fc_weight: npt.NDArray[np.float32]          # (7, K)
     fc_bias: npt.NDArray[np.float32]            # (7,)
 
@@ -124,6 +140,7 @@ class Manifest:
                 input_size=int(pp["input_size"]), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
                 colour_constancy=bool(pp["colour_constancy"]), hair_removal=bool(pp["hair_removal"]),
                 tta=bool(raw["tta"]["enabled"]),
+                tta_views=_check_views(raw["tta"].get("views", TTA_VIEWS)),
                 calibration={k: post.Calibration.from_json(v) for k, v in raw["calibration"].items()},
                 fc_weight=weight, fc_bias=np.asarray(cam["fc_bias"], np.float32))
         except ModelLoadError:
@@ -149,15 +166,22 @@ def decode_image(data: bytes, name: str = "image") -> npt.NDArray[np.uint8]:
     return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.uint8)
 
 
-def tta_batch(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Stack the TTA views of a preprocessed NCHW batch: (V*N, C, H, W), view-major."""
-    return np.ascontiguousarray(np.concatenate(
-        [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]], axis=0))
+def _check_views(views: Sequence[str]) -> tuple[str, ...]:
+    views = tuple(views)
+    if not views or views[0] != "identity" or set(views) - set(_VIEW_FN):
+        raise ModelLoadError(f"TTA views {views} must start with 'identity' and come from {sorted(_VIEW_FN)}")
+    return views
+
+
+def tta_batch(x: npt.NDArray[np.float32], views: Sequence[str] = TTA_VIEWS) -> npt.NDArray[np.float32]:
+    """Stack the TTA views of a preprocessed NCHW batch: (V*N, C, H, W), view-major,
+    identity first (its features give the CAM)."""
+    return np.ascontiguousarray(np.concatenate([_VIEW_FN[v](x) for v in views], axis=0))
 
 
 def merge_tta(logits: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
     """Average the logits of the views of each image: (V*N, C) -> (N, C)."""
-    return logits.reshape(len(TTA_VIEWS), n, -1).mean(axis=0)
+    return logits.reshape(-1, n, logits.shape[-1]).mean(axis=0)
 
 
 class Engine:
@@ -208,6 +232,11 @@ class Engine:
         if {OUTPUT_LOGITS, OUTPUT_FEATURES} - outputs or self._session.get_inputs()[0].name != INPUT_NAME:
             raise ModelLoadError(f"{onnx_path.name} lacks input '{INPUT_NAME}' or outputs "
                                  f"'{OUTPUT_LOGITS}'/'{OUTPUT_FEATURES}' (has {sorted(outputs)})")
+        # Out-of-distribution statistics: a sidecar beside the manifest (models/ood_stats.py), used only
+        # when it was made for exactly this ONNX file; without it results carry no OOD score.
+        self.ood, why = load_for(model_dir, digest)
+        if why:
+            log.warning("inference.ood_disabled", reason=why)
         if warmup:
             self._warm_up()
         log.info("inference.engine_loaded", model=self.manifest.name, version=self.manifest.version,
@@ -262,7 +291,7 @@ class Engine:
         """Logits (TTA-averaged when enabled) and the identity view's features for a batch."""
         if not self.tta:
             return self.run(x)
-        logits, feats = self.run(tta_batch(x))
+        logits, feats = self.run(tta_batch(x, self.manifest.tta_views))
         return merge_tta(logits, len(x)), feats[: len(x)]
 
     def predict(self, images: Sequence[npt.NDArray[np.uint8]], *, cam: bool = True) -> list[Prediction]:
@@ -289,6 +318,7 @@ class Engine:
         probs = cal.probabilities(logits)
         p_mal = post.malignancy(probs)
         unc = post.normalised_entropy(probs)
+        ood = self.ood.score(feats.mean(axis=(2, 3))) if self.ood is not None else None
         preds = []
         for i, img in enumerate(images):
             reason = post.assess(img)
@@ -301,5 +331,8 @@ class Engine:
                 risk=Risk.NOT_ASSESSABLE if reason else post.risk_level(float(p_mal[i]), cal),
                 uncertainty=float(unc[i]),
                 low_confidence=bool(unc[i] >= cal.low_confidence_threshold),
-                assessable=reason is None, reason=reason, model=self._model_info, cam=cam))
+                assessable=reason is None, reason=reason, model=self._model_info, cam=cam,
+                ood_score=float(ood[i]) if ood is not None else None,
+                out_of_distribution=bool(ood is not None and ood[i] > self.ood.threshold),   # type: ignore[union-attr]
+                image_stats=image_stats(img)))
         return preds

@@ -61,7 +61,7 @@ class Calibration:
         return calibrated(logits, self.temperature, self.malignancy_bias)
 
 
-def softmax(logits: FloatArray, temperature: float = 1.0) -> FloatArray:
+def softmax(logits: npt.ArrayLike, temperature: float = 1.0) -> FloatArray:
     """Row-wise softmax of ``logits / temperature`` (temperature scaling, Guo et al. 2017)."""
     z = np.asarray(logits, np.float64) / temperature
     z -= z.max(axis=-1, keepdims=True)

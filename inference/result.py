@@ -51,6 +51,9 @@ class Prediction:
     model: ModelInfo
     cam: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
     # cam: Grad-CAM of the top class, HxW float32 in [0, 1] at the input image's size
+    ood_score: float | None = None         # Mahalanobis distance to the training features (None: no statistics)
+    out_of_distribution: bool = False      # ood_score above the threshold chosen on validation
+    image_stats: dict[str, float] | None = field(default=None, compare=False)   # size, brightness, ... (drift)
 
     @property
     def top_class(self) -> str:
@@ -70,4 +73,7 @@ class Prediction:
             "reason": self.reason,
             "top_class": self.top_class,
             "model": self.model.__dict__,
+            "ood_score": self.ood_score,
+            "out_of_distribution": self.out_of_distribution,
+            "image_stats": self.image_stats,
         }

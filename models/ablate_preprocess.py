@@ -69,7 +69,7 @@ def scores(p: np.ndarray, y: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from models.train import build_model
+    from models.arch import build_model
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ham", type=Path, default=Path("../shared/data/ham10000"))
     ap.add_argument("--isic", type=Path, default=Path("../shared/data/isic2017"))

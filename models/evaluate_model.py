@@ -1,12 +1,14 @@
-"""Measure the exported model for its model card: held-out test split, external ISIC 2017,
-subgroups, Grad-CAM localisation, TTA on/off; figures under ``models/card/``.
+"""Measure the exported model for its model card: held-out test split, external ISIC 2017
+test split, the hard cases (melanoma against histopathology-confirmed naevi), subgroups,
+Grad-CAM localisation, TTA on/off; figures under ``models/card/``.
 
     python -m models.evaluate_model [--ham ../shared/data/ham10000] [--isic ../shared/data/isic2017]
 
 Everything runs through the shipped engine and the public evaluation interface
 (``inference.evaluate.run_evaluate``), so the card measures what the service
-does. Nothing here feeds back into the model: ISIC 2017 is external validation
-only, and the test split was not used for any choice (``models/export.py``
+does. Nothing here feeds back into the model: the ISIC 2017 test split is external
+validation only (its train and val splits are training and selection data since
+recipe 2.x, so they are never scored as external), and the test split was not used for any choice (``models/export.py``
 chooses on validation). The test and ISIC metrics are written into
 ``models/manifest.json`` under ``metrics`` (the ONNX file, hence its sha256, is untouched).
 """
@@ -81,6 +83,21 @@ def subgroups(preds: list[dict[str, str]], meta: dict[str, dict[str, str]], thre
     return out
 
 
+def hard_cases(preds: list[dict[str, str]], meta: dict[str, dict[str, str]], threshold: float,
+               bootstrap: int) -> dict:
+    """Melanoma against naevi confirmed by histopathology (HAM ``dx_type``), lesion bootstrap CI:
+    the excised, atypical naevi that other clinics' collections are full of."""
+    rows = [p for p in preds if p["dx"] == "mel"
+            or (p["dx"] == "nv" and meta[p["path"].removesuffix(".jpg")]["dx_type"] == "histo")]
+    probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    m = classification_metrics([r["dx"] for r in rows], probs, threshold,
+                               groups=[meta[r["path"].removesuffix(".jpg")]["lesion_id"] for r in rows],
+                               bootstrap=bootstrap)
+    ci = m.get("ci95", {}).get("melanoma_auc")
+    return {"n": m["n"], "n_melanoma": m["n_melanoma"], "n_histo_naevi": m["n"] - m["n_melanoma"],
+            "melanoma_auc": m["melanoma_auc"], "ci95": {"melanoma_auc": ci}}
+
+
 def cam_in_mask(engine: Engine, ham: Path, image_ids: list[str]) -> dict:
     """Share of positive Grad-CAM mass inside the lesion mask, per image, vs the mask's area share
     (what a uniform map would score)."""
@@ -124,16 +141,31 @@ def _ci(m: dict, key: str) -> str:
 def render_tables(report: dict) -> str:
     """Markdown tables of the report, pasted between the markers in MODEL_CARD.md."""
     shipped = report["shipped_mode"]
-    out = [f"Shipped inference mode: **{'flip TTA' if shipped == 'tta' else 'single view'}**. "
-           "95% CIs: percentile bootstrap (1000 resamples; lesions on the HAM test split, images on ISIC 2017).", "",
+    views = report.get("tta_views", [])
+    out = [f"Shipped inference mode: **{f'TTA over {len(views)} views' if shipped == 'tta' else 'single view'}**. "
+           "95% CIs: percentile bootstrap (1000 resamples; lesions on HAM10000, images on ISIC 2017). "
+           "ISIC 2017: its 600-image test split only (595 labelled); its train and val splits are training "
+           "and selection data.", "",
            "| data set | n | malignancy AUC | melanoma AUC | balanced accuracy | sensitivity @ referral | "
            "specificity @ referral | sensitivity @ spec 0.80 | ECE (top class) | ECE (P malignant) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, key in (("HAM10000 test split (lesion-level)", "test"), ("ISIC 2017 (external)", "isic2017")):
+    for name, key in (("HAM10000 test split (lesion-level)", "test"), ("ISIC 2017 test split (external)", "isic2017")):
         m = report[key][shipped]
         out.append(f"| {name} | {m['n']} | {_ci(m, 'malignancy_auc')} | {_ci(m, 'melanoma_auc')} | "
                    f"{_ci(m, 'balanced_accuracy')} | {_ci(m, 'sensitivity')} | {_ci(m, 'specificity')} | "
                    f"{_ci(m, 'sensitivity_at_specificity_0.80')} | {_ci(m, 'ece')} | {_ci(m, 'ece_malignancy')} |")
+    hc = report.get("hard_cases", {})
+    if hc:
+        out += ["", "Hard cases: melanoma against naevi confirmed by histopathology (HAM10000 `dx_type`), "
+                "and ISIC 2017 validation (selection data, shown for reference):", "",
+                "| data set | n | melanomas | other | melanoma AUC (95% CI) |", "|---|---|---|---|---|"]
+        for key, title in (("test", "HAM test: melanoma vs histopathology naevi"),
+                           ("val", "HAM validation: melanoma vs histopathology naevi (selection data)"),
+                           ("isic_val", "ISIC 2017 validation (selection data)")):
+            if key in hc:
+                m = hc[key]
+                out.append(f"| {title} | {m['n']} | {m['n_melanoma']} | {m['n'] - m['n_melanoma']} | "
+                           f"{_ci(m, 'melanoma_auc')} |")
     out += ["", "TTA on and off (same model, same calibration procedure; the choice was made on validation):", "",
             "| data set | mode | malignancy AUC | melanoma AUC | balanced accuracy | sensitivity | specificity | ECE |",
             "|---|---|---|---|---|---|---|---|"]
@@ -185,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("models/card"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--no-card", action="store_true",
+                    help="measure only (e.g. an earlier model for comparison): do not touch the card or manifest")
     args = ap.parse_args(argv)
     model_dir = args.model_dir or default_model_dir()
     engines = {mode: Engine(model_dir, intra_op_threads=args.threads, tta=(mode == "tta"))
@@ -192,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     shipped = "tta" if engines["plain"].manifest.tta else "plain"
     meta = {r["image_id"]: r for r in csv.DictReader((args.ham / "metadata.csv").open())}
     test = [r for r in load_split(args.split) if r["split"] == "test"]
-    isic = [r for r in csv.DictReader((args.isic / "labels.csv").open())]
+    isic_all = list(csv.DictReader((args.isic / "labels.csv").open()))
+    isic = [r for r in isic_all if r["split"] == "test"]          # the external test split only
+    isic_val = [r for r in isic_all if r["split"] == "val" and r["dx"]]
+    val = [r for r in load_split(args.split) if r["split"] == "val"]
     report: dict = {"shipped_mode": shipped, "test": {}, "isic2017": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ham_csv = write_labels(Path(tmp) / "ham_test.csv", [
@@ -205,14 +242,33 @@ def main(argv: list[str] | None = None) -> None:
             report["isic2017"][mode] = _summary(run_evaluate(args.isic / "images", isic_csv,
                                                              args.out / f"isic2017_{mode}", engine,
                                                              bootstrap=args.bootstrap))
-    engine = engines[shipped]
+        engine = engines[shipped]
+        ham_val_csv = write_labels(Path(tmp) / "ham_val.csv", [
+            {"path": f"{r['image_id']}.jpg", "dx": r["dx"], "lesion_id": r["lesion_id"]} for r in val])
+        run_evaluate(args.ham / "images", ham_val_csv, args.out / f"ham_val_{shipped}", engine, bootstrap=0)
+        isic_val_csv = write_labels(Path(tmp) / "isic_val.csv", [
+            {"path": f"{r['image_id']}.jpg", "dx": r["dx"]} for r in isic_val])
+        iv = run_evaluate(args.isic / "images", isic_val_csv, args.out / f"isic2017_val_{shipped}", engine,
+                          bootstrap=args.bootstrap)
     preds = read_predictions(args.out / f"ham_test_{shipped}" / "predictions.csv")
-    report["subgroups_test"] = subgroups(preds, meta, engine.calibration.referral_threshold)
+    threshold = engine.calibration.referral_threshold
+    report["tta_views"] = list(engine.manifest.tta_views)
+    report["hard_cases"] = {
+        "test": hard_cases(preds, meta, threshold, args.bootstrap),
+        "val": hard_cases(read_predictions(args.out / f"ham_val_{shipped}" / "predictions.csv"), meta, threshold,
+                          args.bootstrap),
+        "isic_val": {"n": iv["n"], "n_melanoma": iv["n_melanoma"], "melanoma_auc": iv["melanoma_auc"],
+                     "ci95": {"melanoma_auc": iv.get("ci95", {}).get("melanoma_auc")}}}
+    report["subgroups_test"] = subgroups(preds, meta, threshold)
     report["grad_cam_test"] = cam_in_mask(engine, args.ham, [r["image_id"] for r in test])
     report["model"] = dict(engine.model_info.__dict__)
     (args.out / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
     tables = render_tables(report)
     (args.out / "results.md").write_text(tables)
+    for key, m in report["hard_cases"].items():
+        print(f"hard cases {key}: melanoma AUC {_ci(m, 'melanoma_auc')} (n {m['n']}, melanomas {m['n_melanoma']})")
+    if args.no_card:
+        return
     update_card(model_dir / "MODEL_CARD.md", tables)
 
     manifest_path = model_dir / MANIFEST_FILE
@@ -220,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest["metrics"]["test"] = _jsonable(report["test"][shipped])
     manifest["metrics"]["isic2017_external"] = _jsonable(report["isic2017"][shipped])
     manifest["metrics"]["grad_cam_test"] = report["grad_cam_test"]
+    manifest["metrics"]["hard_cases"] = _jsonable(report["hard_cases"])
     manifest["metrics"]["details"] = "models/card/report.json (subgroups, TTA on/off), models/MODEL_CARD.md"
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     for split in ("test", "isic2017"):

@@ -1,26 +1,30 @@
 """Request dependencies: the runtime, and the authenticated user.
 
-Users present a bearer token; the tokens file maps the token's sha256 to a
-user name and a role (clinician, compliance, operator), so no token is stored
-in the clear. Authentication failures are audited (DCM 110114) and answered
-401 inside the dependency; routes stay thin.
+Users present a bearer token (declared in OpenAPI as the ``bearer`` HTTP security
+scheme); the tokens file maps the token's sha256 to a
+user name, a role (clinician, compliance, operator) and an expiry, so no token
+is stored in the clear. Authentication happens before any route runs or any
+body is read, in :mod:`dermgate.api.security`, which leaves the user in the
+request scope; here it is picked up, and roles are checked (403, audited and
+counted against the token like a failed authentication). Routes stay thin.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from audit.api import AuditEvent, EventType, Outcome
 from dermgate.app import Runtime
 
-ROLES = ("clinician", "compliance", "operator")
+ROLES = ("clinician", "compliance", "operator", "modality")   # modality: STOW-RS senders
+SCOPE_USER = "dermgate.user"          # set by the security middleware once the bearer token checked out
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,22 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+bearer = HTTPBearer(scheme_name="bearer", auto_error=False,
+                    description="API token issued by `dermgate api-token add` (sent as `Authorization: Bearer ...`)")
+
+
 def current_user(request: Request, rt: RuntimeDep,
-                 authorization: Annotated[str | None, Header()] = None,
-                 x_purpose_of_use: Annotated[str | None, Header()] = None) -> User:
-    token = (authorization or "").removeprefix("Bearer ").strip()
-    digest = hash_token(token) if token else ""
-    entry = next((v for k, v in load_tokens(rt.settings.api_tokens_file).items() if token and hmac.compare_digest(k, digest)), None)
-    if entry is None:
-        rt.audit.record(AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,
-                                   actor="unknown", source=request.client.host if request.client else None,
-                                   detail={"path": request.url.path, "reason": "missing or unknown bearer token"}))
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
-    return User(entry["user"], entry["role"], x_purpose_of_use or "TREAT")
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+                 x_purpose_of_use: Annotated[str | None, Header(description="v3 PurposeOfUse, default TREAT")] = None
+                 ) -> User:
+    """The user the security middleware authenticated (``credentials`` (the ``bearer`` scheme) and
+    ``x_purpose_of_use`` are declared for the OpenAPI description; the middleware has checked them)."""
+    user = request.scope.get(SCOPE_USER)
+    if isinstance(user, User):
+        return user
+    # Only a route outside /api/ (or an app built without the middleware) gets here: fail closed.
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
+                        headers={"WWW-Authenticate": "Bearer"})
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -67,10 +74,30 @@ CurrentUser = Annotated[User, Depends(current_user)]
 def require(*roles: str):  # noqa: ANN201 - returns a FastAPI dependency
     def _check(user: CurrentUser, request: Request, rt: RuntimeDep) -> User:
         if user.role not in roles:
-            rt.audit.record(AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,
-                                       actor=user.name, actor_role=user.role,
-                                       source=request.client.host if request.client else None,
-                                       detail={"path": request.url.path, "reason": f"role {user.role} not allowed"}))
+            source = request.client.host if request.client else None
+            reason = f"role {user.role} not allowed"
+            security = getattr(request.app.state, "security", None)
+            if security is not None:       # counted against the token and source, audited coalesced
+                security.failure(source=source, reason=reason, path=request.url.path, status=403,
+                                 actor=user.name, role=user.role, digest=request.scope.get("dermgate.token_digest"))
+            else:
+                rt.audit.record(AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,
+                                           actor=user.name, actor_role=user.role, source=source,
+                                           detail={"path": request.url.path, "reason": reason}))
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role '{user.role}' may not do this")
         return user
     return Depends(_check)
+
+
+def _error(description: str) -> dict[str, object]:
+    from dermgate.api.models import ErrorOut
+    return {"model": ErrorOut, "description": description}
+
+
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: _error("no bearer token, or an unknown or revoked one (audited)"),
+    403: _error("the token's role may not do this (audited)"),
+}
+NOT_FOUND = {404: _error("no image with this SOP Instance UID")}
+CONFLICT = {409: _error("the AI result for this image is not ready yet")}
+

@@ -21,6 +21,7 @@ import hashlib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate.records import DeliveryOutcome
+from dermgate.store import StoreError
 from integration.dicom_scp import uids
 
 log = structlog.get_logger(__name__)
@@ -59,6 +61,8 @@ AUDIT_ACTION_READ = "R"
 UNCOMPRESSED = [uids.EXPLICIT_VR_LE, uids.IMPLICIT_VR_LE]
 IMAGE_SOP_CLASSES = frozenset({uids.SECONDARY_CAPTURE_IMAGE_STORAGE, uids.VL_PHOTOGRAPHIC_IMAGE_STORAGE,
                                uids.DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE})
+# The outbox payload of one image: its Secondary Capture and its SR.
+FILES_PER_DELIVERY = 2
 # BCP 195 (PS3.15 B.13): ECDHE with AEAD ciphers for TLS 1.2; TLS 1.3 suites are always AEAD.
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -114,7 +118,8 @@ class DicomForwardChannel:
 
     ``payload``: ``{"files": [path, ...]}``; relative paths resolve against
     ``base_dir``. Patient, study and SOP UIDs for the audit record come from
-    the files themselves.
+    the files themselves. With ``files`` (the object store) they are read, and
+    decrypted, through it.
     """
     dest_name: str
     ae_title: str
@@ -125,6 +130,7 @@ class DicomForwardChannel:
     tls_server_hostname: str | None = None
     base_dir: Path | None = None
     audit: AuditSink | None = None
+    files: Any = None                       # an object with read_at(path) -> bytes (dermgate.store.ObjectStore)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -142,6 +148,12 @@ class DicomForwardChannel:
     @property
     def destination(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def max_delivery_s(self) -> float:
+        """The longest one ``deliver`` can take by its timeouts: connect, associate, one C-STORE
+        per file, release. The outbox derives its lease from this."""
+        return self.connection_timeout + 2 * self.acse_timeout + FILES_PER_DELIVERY * self.dimse_timeout
 
     def deliver(self, payload: dict[str, Any]) -> DeliveryOutcome:
         """One attempt to store every file; ok only when all of them are stored."""
@@ -165,10 +177,11 @@ class DicomForwardChannel:
             if not path.is_absolute() and self.base_dir is not None:
                 path = self.base_dir / path
             try:
-                datasets.append(dcmread(path))
+                datasets.append(dcmread(BytesIO(self.files.read_at(path))) if self.files is not None
+                                else dcmread(path))
             except FileNotFoundError as exc:
                 raise _Undeliverable(f"output file missing: {path.name}") from exc
-            except (InvalidDicomError, OSError) as exc:
+            except (InvalidDicomError, OSError, StoreError) as exc:
                 raise _Undeliverable(f"output file unreadable: {path.name}: {exc}") from exc
         return datasets
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -40,7 +41,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
 import dermgate
-from dermgate.durable import write_atomic
+from dermgate.durable import private_dir, write_atomic
 from dermgate.records import Outputs
 from inference.result import CLASSES, DISCLAIMER, Prediction, Risk
 from integration.dicom_scp import uids
@@ -76,6 +77,24 @@ _UID_SEPARATOR = "\x1f"
 _LOSSY_TRANSFER_SYNTAXES = (uids.JPEG_BASELINE, uids.JPEG_EXTENDED, uids.JPEG_2000)
 _RISK_CODES = {Risk.LOW: uids.LOW_RISK, Risk.MEDIUM: uids.MODERATE_RISK, Risk.HIGH: uids.HIGH_RISK,
                Risk.NOT_ASSESSABLE: uids.NOT_ASSESSABLE}
+
+
+class Files(Protocol):
+    """Where outputs are written and read back: plain files, or the (encrypting) object store."""
+
+    def write_at(self, path: Path, data: bytes) -> Path: ...
+
+    def read_at(self, path: Path) -> bytes: ...
+
+
+class PlainFiles:
+    """Files in the clear, written atomically and durably."""
+
+    def write_at(self, path: Path, data: bytes) -> Path:
+        return write_atomic(path, data)
+
+    def read_at(self, path: Path) -> bytes:
+        return Path(path).read_bytes()
 
 
 class OutputError(Exception):
@@ -130,23 +149,27 @@ def write_outputs(
     *,
     image_rgb: npt.NDArray[np.uint8] | None = None,
     now: datetime | None = None,
+    files: Files | None = None,
 ) -> WrittenOutputs:
     """Render, build, write and read back the SC, the SR and the heatmap PNG for one image.
 
     ``out_dir`` is this image's own folder. ``image_rgb`` is the decoded source (RGB,
-    its first frame); when omitted, the source's pixel data is decoded here.
+    its first frame); when omitted, the source's pixel data is decoded here. ``files``
+    writes and reads them back (the object store, which encrypts when configured);
+    plain files when omitted.
     """
+    files = files or PlainFiles()
     header = _header(source)
     now = now or datetime.now(timezone.utc)
     rgb = image_rgb if image_rgb is not None else _decode_rgb(source)
     frames = frame_count(header)
     note = Outputs.note_for(frames)
     rendered = render_heatmap(rgb, prediction, notes=[note] if note else [])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sc = write_verified(build_secondary_capture(header, rendered, prediction, now=now), out_dir / SC_FILE)
-    sr = write_verified(build_ai_sr(header, prediction, sc, now=now), out_dir / SR_FILE)
+    private_dir(out_dir)
+    sc = write_verified(build_secondary_capture(header, rendered, prediction, now=now), out_dir / SC_FILE, files)
+    sr = write_verified(build_ai_sr(header, prediction, sc, now=now), out_dir / SR_FILE, files)
     png = encode_png(rendered)
-    write_atomic(out_dir / PNG_FILE, png)
+    files.write_at(out_dir / PNG_FILE, png)
     return WrittenOutputs(sc=sc, sr=sr, sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE,
                           png_path=out_dir / PNG_FILE, png=png, source_frames=frames)
 
@@ -251,12 +274,13 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
     return sr
 
 
-def write_verified(ds: Dataset, path: Path) -> Dataset:
+def write_verified(ds: Dataset, path: Path, files: Files | None = None) -> Dataset:
     """Write ``ds`` atomically as a DICOM file and return what reads back from it."""
+    files = files or PlainFiles()
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    write_atomic(path, buf.getvalue())
-    back = dcmread(path)
+    files.write_at(path, buf.getvalue())
+    back = dcmread(BytesIO(files.read_at(path)))
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if back.get(keyword) != ds.get(keyword):
             raise OutputVerificationError(f"{path.name}: {keyword} did not read back as written")
@@ -423,12 +447,18 @@ def _measurement_groups(source: Dataset, prediction: Prediction) -> list[hd.sr.M
     if prediction.assessable:
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=uids.LOW_CONFIDENCE, value=uids.YES if prediction.low_confidence else uids.NO))
+        if prediction.ood_score is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                name=uids.OUT_OF_DISTRIBUTION, value=uids.YES if prediction.out_of_distribution else uids.NO))
         measurements = [
             hd.sr.Measurement(name=uids.PROBABILITY_OF_CANCER, value=_percent(prediction.malignancy_probability),
                               unit=uids.UNIT_PERCENT),
             hd.sr.Measurement(name=uids.UNCERTAINTY, value=round(float(prediction.uncertainty), 4),
                               unit=uids.UNIT_NONE),
         ]
+        if prediction.ood_score is not None:
+            measurements.append(hd.sr.Measurement(name=uids.OOD_SCORE, value=round(float(prediction.ood_score), 4),
+                                                  unit=uids.UNIT_NONE))
     groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking("summary"),
         finding_type=uids.FINDING_CODES[prediction.top_class] if prediction.assessable else None,

@@ -4,7 +4,8 @@ Decisions are made on A-ASSOCIATE-RQ, before pynetdicom negotiates, in an
 ``EVT_REQUESTED`` handler that sends a real A-ASSOCIATE-RJ (PS3.8 9.3.4):
 
 * calling AE title not on the allow-list, or a listed title from a host not
-  listed for it -> rejected-permanent, service-user, calling-AE-title-not-recognized;
+  listed for it, or (where the entry names ``cert_subjects``) without a TLS client
+  certificate bound to it -> rejected-permanent, service-user, calling-AE-title-not-recognized;
 * called AE title is not ours -> rejected-permanent, service-user, called-AE-title-not-recognized;
 * no proposed presentation context would be accepted -> rejected-permanent,
   service-user, no-reason-given. pynetdicom would otherwise *accept* the
@@ -32,6 +33,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate import metrics
 from dermgate.settings import DicomSettings
+from integration.dicom_scp.identity import PeerCertificate, SubjectMatcher, parse_subject
 
 log = structlog.get_logger(__name__)
 
@@ -87,33 +89,58 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
+@dataclass(frozen=True)
+class CallerRule:
+    """One allow-list entry: the hosts a title may come from and, if any, the certificates it must show."""
+    networks: tuple[Network, ...]
+    subjects: tuple[SubjectMatcher, ...]
+
+
 class AssociationPolicy:
-    """The allow-list of calling AE titles and their source hosts, and the context check."""
+    """The allow-list of calling AE titles, their source hosts and certificates, and the context check."""
 
     def __init__(self, cfg: DicomSettings) -> None:
         self.own_ae = cfg.ae_title.strip()
         self.accept_unknown = cfg.accept_unknown_callers
-        self.callers: dict[str, tuple[Network, ...]] = {}
+        self.acse_timeout = cfg.acse_timeout
+        self.callers: dict[str, list[CallerRule]] = {}
         for caller in cfg.allowed_callers:
-            title = caller.ae_title.strip()
-            self.callers[title] = self.callers.get(title, ()) + _networks(caller.hosts)
+            rule = CallerRule(_networks(caller.hosts), tuple(parse_subject(s) for s in caller.cert_subjects))
+            self.callers.setdefault(caller.ae_title.strip(), []).append(rule)
+        self._all_networks = tuple(net for rules in self.callers.values() for r in rules for net in r.networks)
 
-    def admit(self, calling_ae: str, called_ae: str, host: str) -> Decision:
-        """Check the called title, then the calling title and the host it comes from."""
+    def host_listed(self, host: str) -> bool:
+        """Could a connection from ``host`` ever be admitted? (Checked at TCP accept.)"""
+        if self.accept_unknown:
+            return True
+        addr = _address(host)
+        return addr is not None and any(addr in net for net in self._all_networks)
+
+    def admit(self, calling_ae: str, called_ae: str, host: str, peer: PeerCertificate | None = None) -> Decision:
+        """Check the called title, then the calling title, the host it comes from and its certificate."""
         calling, called = calling_ae.strip(), called_ae.strip()
         if called != self.own_ae:
             return Decision.reject(REJECT_WRONG_CALLED_AE, "called AE title is not ours")
-        networks = self.callers.get(calling)
-        if networks is None:
+        rules = self.callers.get(calling)
+        if rules is None:
             if self.accept_unknown:
                 return Decision.accept("unknown caller accepted by configuration")
             return Decision.reject(REJECT_UNKNOWN_CALLER, "calling AE title not on the allow-list")
         addr = _address(host)
-        if addr is None or not any(addr in net for net in networks):
+        from_host = [r for r in rules if addr is not None and any(addr in net for net in r.networks)]
+        if not from_host:
             # A listed title from another host is refused even when unknown callers are
             # accepted: it looks like a modality being impersonated.
             return Decision.reject(REJECT_UNKNOWN_CALLER, "calling AE title not allowed from this host")
-        return Decision.accept("calling AE title and host on the allow-list")
+        for rule in from_host:
+            if not rule.subjects:
+                return Decision.accept("calling AE title and host on the allow-list")
+            if peer is not None and any(peer.matches(m) for m in rule.subjects):
+                return Decision.accept("calling AE title, host and client certificate on the allow-list")
+        if peer is None:
+            return Decision.reject(REJECT_UNKNOWN_CALLER,
+                                   "calling AE title needs a TLS client certificate bound to it")
+        return Decision.reject(REJECT_UNKNOWN_CALLER, "client certificate is not bound to this calling AE title")
 
     @staticmethod
     def check_contexts(requested: list[PresentationContext], supported: list[PresentationContext],
@@ -128,16 +155,30 @@ class AssociationPolicy:
 
 # ---- pynetdicom event handlers (bound in scp.py) ---------------------------------------------------
 
+def peer_certificate(event: Event) -> PeerCertificate | None:
+    """The verified client certificate of a TLS association (None: plain TCP or no certificate)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, OSError):                # handshake not done / socket gone
+        return None
+    return PeerCertificate.from_der(der) if der else None
+
+
 def tls_details(event: Event) -> dict[str, Any]:
     """Protocol, cipher and client certificate subject of a TLS association (empty for plain TCP)."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if not isinstance(sock, ssl.SSLSocket):
         return {"tls": False}
     cert = sock.getpeercert() or {}
     subject = ", ".join("=".join(pair) for rdn in cert.get("subject", ()) for pair in rdn)
     cipher = sock.cipher()
+    peer = peer_certificate(event)
     return {"tls": True, "tls_version": sock.version(), "cipher": cipher[0] if cipher else None,
-            "client_cert": subject or None}
+            "client_cert": subject or None, "client_cert_sans": sorted(f"{k}:{v}" for k, v in peer.sans)
+            if peer else []}
 
 
 def _record(audit: AuditSink, event: Event, calling_ae: str, accepted: bool, reason: str, clock: Clock,
@@ -163,10 +204,12 @@ def handle_requested(event: Event, policy: AssociationPolicy, audit: AuditSink, 
     assoc = event.assoc
     calling = ""
     try:
+        assoc.acse_timeout = policy.acse_timeout     # the short pre-association timeout is over
         rq = assoc.requestor.primitive
         assert rq is not None, "EVT_REQUESTED without an A-ASSOCIATE-RQ"
         calling = str(rq.calling_ae_title).strip()
-        decision = policy.admit(calling, str(rq.called_ae_title), assoc.requestor.address)
+        decision = policy.admit(calling, str(rq.called_ae_title), assoc.requestor.address,
+                                peer_certificate(event))
         if decision.accepted:
             roles = {uid: (item.scu_role, item.scp_role) for uid, item in assoc.requestor.role_selection.items()}
             decision = policy.check_contexts(rq.presentation_context_definition_list,

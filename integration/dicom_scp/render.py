@@ -104,6 +104,9 @@ def _overlay(image: RGBImage, cam: npt.NDArray[np.float32]) -> RGBImage:
     return out
 
 
+OOD_NOTE = "Outside the training distribution: interpret with care"
+
+
 def _legend_lines(p: Prediction) -> list[_Line]:
     model = f"Model: {p.model.name} {p.model.version}"
     if not p.assessable:
@@ -116,6 +119,8 @@ def _legend_lines(p: Prediction) -> list[_Line]:
     lines.append(_Line(f"Risk level: {p.risk.value}", _RISK_COLOURS.get(p.risk.value, _TEXT)))
     if p.low_confidence:
         lines.append(_Line(f"Low confidence (uncertainty {p.uncertainty:.2f})", _WARN))
+    if p.out_of_distribution:
+        lines.append(_Line(OOD_NOTE, _WARN))
     lines.append(_Line(HEATMAP_NOTE if p.cam is not None else "Heatmap unavailable"))
     lines.append(_Line(model))
     return lines

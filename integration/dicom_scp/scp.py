@@ -1,13 +1,15 @@
 """The DICOM SCP: wiring only -- the AE, its contexts and timeouts, the handlers, the servers.
 
 What each piece decides lives elsewhere: association policy in ``policy.py``,
-C-ECHO / C-STORE in ``handlers.py``, TLS in ``tls.py``, pixel decoding in
-``decode.py``, status codes in ``status.py``. The conformance statement is
-``docs/dicom-conformance.md``.
+connection limits before any association in ``guard.py``, certificate binding in
+``identity.py``, C-ECHO / C-STORE in ``handlers.py``, TLS in ``tls.py``, pixel
+decoding in ``decode.py``, status codes in ``status.py``. The conformance
+statement is ``docs/dicom-conformance.md``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -15,13 +17,14 @@ from typing import Any
 
 import structlog
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
 
 from audit.api import AuditSink
 from dermgate.intake import Intake
 from dermgate.settings import DicomSettings
 from dermgate.store import ObjectStore
+from dermgate.throttle import AuditCoalescer
 from integration.dicom_scp import incoming
+from integration.dicom_scp.guard import ConnectionGuard, GuardedAssociationServer
 from integration.dicom_scp.handlers import handle_echo, handle_store, utcnow
 from integration.dicom_scp.policy import AssociationPolicy, handle_accepted, handle_rejected, handle_requested
 from integration.dicom_scp.tls import handle_conn_open, server_context
@@ -32,6 +35,7 @@ log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
 _STOP_POLL_S = 0.05
+AUDIT_COALESCE_S = 60.0                 # refused / silent connections: one audit record per source and reason per minute
 
 
 def build_ae(cfg: DicomSettings) -> AE:
@@ -53,27 +57,31 @@ def build_ae(cfg: DicomSettings) -> AE:
 
 
 class DicomService:
-    """The SCP on its plain port and, when enabled, its TLS port; stop() drains in-flight associations."""
+    """The SCP on its plain port and/or its TLS port; stop() drains in-flight associations."""
 
     def __init__(self, cfg: DicomSettings, intake: Intake, audit: AuditSink, store: ObjectStore,
-                 clock: Clock = utcnow) -> None:
+                 clock: Clock = utcnow, *, coalesce_s: float = AUDIT_COALESCE_S) -> None:
         self.cfg = cfg
         self.intake = intake
         self.audit = audit
         self.store = store
         self.clock = clock
         self.policy = AssociationPolicy(cfg)
+        self.coalescer = AuditCoalescer(audit, coalesce_s)
+        self.guard = ConnectionGuard(self.policy, cfg.max_connections_per_host, cfg.pre_association_timeout,
+                                     self.coalescer, clock)
         self.ae = build_ae(cfg)
         # Received data sets go to files in the store's incoming/ folder as they arrive (incoming.py).
         setattr(self.ae, incoming.SPOOL_ATTR, incoming.SpoolSettings(
             folder=store.root / incoming.INCOMING_DIR, max_bytes=cfg.max_object_bytes, max_pixels=cfg.max_pixels))
-        self.servers: dict[str, ThreadedAssociationServer] = {}
+        self.servers: dict[str, GuardedAssociationServer] = {}
 
     def handlers(self) -> list[tuple[Any, ...]]:
         """pynetdicom event bindings: ``(event, handler, [dependencies])``."""
         cfg, audit, clock = self.cfg, self.audit, self.clock
         return [
-            (evt.EVT_CONN_OPEN, handle_conn_open, [cfg.network_timeout, audit, clock]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [cfg.network_timeout, cfg.pre_association_timeout,
+                                                   self.coalescer, clock]),
             (evt.EVT_REQUESTED, handle_requested, [self.policy, audit, clock]),
             (evt.EVT_ACCEPTED, handle_accepted, [audit, clock]),
             (evt.EVT_REJECTED, handle_rejected, [audit, clock]),
@@ -82,19 +90,26 @@ class DicomService:
         ]
 
     def start(self) -> None:
-        """Listen on the plain port, and on the TLS port when TLS is enabled (non-blocking)."""
+        """Listen on the plain port (unless ``plain_listener`` is off) and on the TLS port when TLS is
+        enabled (non-blocking)."""
         ssl_context = server_context(self.cfg.tls) if self.cfg.tls.enabled else None   # fail before listening
         incoming.install()
-        self.servers["plain"] = self._serve(self.cfg.port, None)
+        if self.cfg.plain_listener:
+            self.servers["plain"] = self._serve(self.cfg.port, None, "plain")
         if ssl_context is not None:
-            self.servers["tls"] = self._serve(self.cfg.tls.port, ssl_context)
+            self.servers["tls"] = self._serve(self.cfg.tls.port, ssl_context, "tls")
         log.info("scp_started", ae_title=self.cfg.ae_title, host=self.cfg.host, port=self.port,
-                 tls_port=self.tls_port)
+                 tls_port=self.tls_port, per_host=self.cfg.max_connections_per_host,
+                 pre_association_timeout=self.cfg.pre_association_timeout)
 
-    def _serve(self, port: int, ssl_context: Any) -> ThreadedAssociationServer:
-        server = self.ae.start_server((self.cfg.host, port), block=False, ssl_context=ssl_context,
-                                      evt_handlers=self.handlers())
-        assert server is not None
+    def _serve(self, port: int, ssl_context: Any, kind: str) -> GuardedAssociationServer:
+        """pynetdicom's non-blocking server, made with the guarded server class (what ``start_server`` does)."""
+        server = self.ae.make_server((self.cfg.host, port), ssl_context=ssl_context, evt_handlers=self.handlers(),
+                                     server_class=GuardedAssociationServer, guard=self.guard, port_kind=kind)
+        assert isinstance(server, GuardedAssociationServer)
+        thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer-{kind}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
         return server
 
     @property
@@ -119,6 +134,7 @@ class DicomService:
         remaining = self._acceptors()
         for assoc in remaining:
             assoc.abort()
+        self.coalescer.close()
         log.info("scp_stopped", aborted=len(remaining))
 
     def _acceptors(self) -> list[Any]:

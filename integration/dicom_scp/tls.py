@@ -9,8 +9,8 @@ against ``ca_file`` when one is configured, and required when
 The handshake is moved off pynetdicom's accept loop: pynetdicom wraps each
 accepted socket in the listener thread, so a client that connects and never
 completes a handshake would stall every other TLS caller. The context below
-defers the handshake; :func:`handle_conn_open` runs it in the association's own
-thread under the network timeout.
+defers the handshake; :func:`handle_conn_open` runs it in the connection's own
+thread under the pre-association timeout.
 
 Exceptions::
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
@@ -30,6 +31,7 @@ from pynetdicom.events import Event
 
 from audit.api import AuditEvent, AuditSink, EventType, Outcome
 from dermgate.settings import TlsSettings
+from dermgate.throttle import AuditCoalescer, source_key
 
 log = structlog.get_logger(__name__)
 
@@ -79,36 +81,50 @@ def server_context(cfg: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
-def handle_conn_open(event: Event, network_timeout: float, audit: AuditSink, clock: Clock) -> None:
-    """EVT_CONN_OPEN (in the association's thread): bound socket I/O, and finish a TLS handshake.
+def handle_conn_open(event: Event, network_timeout: float, pre_association_timeout: float,
+                     audit: AuditSink | AuditCoalescer, clock: Clock) -> None:
+    """EVT_CONN_OPEN (in the connection's own thread): bound socket I/O, and finish a TLS handshake.
 
-    A failed handshake (old protocol, no acceptable suite, bad client
-    certificate) is audited as a security event and the connection shut down;
+    The handshake and the A-ASSOCIATE-RQ together must come within
+    ``pre_association_timeout`` seconds of the TCP accept; the association's ACSE
+    timeout is set to what is left of it (``handle_requested`` restores the
+    configured ACSE timeout once the request is in). A failed handshake (old
+    protocol, no acceptable suite, bad client certificate, silence) is audited
+    as a security event (coalesced per source) and the connection shut down;
     the association then ends at once without ever reading a PDU.
     """
-    sock: Any = getattr(event.assoc.dul.socket, "socket", None)
+    assoc = event.assoc
+    sock: Any = getattr(assoc.dul.socket, "socket", None)
     if sock is None:
         return
-    sock.settimeout(network_timeout)      # a peer that stalls mid-PDU cannot pin a thread forever
-    if not isinstance(sock, ssl.SSLSocket):
-        return
+    started = getattr(assoc, "_dermgate_accepted_at", None) or time.monotonic()
     address = getattr(event, "address", None)          # EVT_CONN_OPEN's (host, port)
     host = str(address[0]) if isinstance(address, tuple) else str(address)
-    try:
-        sock.do_handshake()
-    except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        log.warning("tls_handshake_failed", host=host, reason=reason)
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(pre_association_timeout)
         try:
-            audit.record(AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,
-                                    actor="unknown", actor_role="modality", source=host,
-                                    detail={"protocol": "dicom-tls", "reason": f"TLS handshake failed: {reason}"},
-                                    time=clock()))
-        except Exception:
-            log.exception("tls_audit_failed")
-        try:
-            # The plain socket's shutdown: SSLSocket.shutdown would drop the TLS state and let
-            # pynetdicom read the peer's ciphertext as PDUs; this way its next read fails cleanly.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            assoc._dermgate_handshake_failed = True  # type: ignore[attr-defined]
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.warning("tls_handshake_failed", host=host, reason=reason)
+            record = AuditEvent(event=EventType.AUTH_FAILURE, outcome=Outcome.MINOR_FAILURE,
+                                actor="unknown", actor_role="modality", source=host,
+                                detail={"protocol": "dicom-tls", "reason": f"TLS handshake failed: {reason}"},
+                                time=clock())
+            try:
+                if isinstance(audit, AuditCoalescer):
+                    audit.record((source_key(host), "tls-handshake", str(reason)), record)
+                else:
+                    audit.record(record)
+            except Exception:
+                log.exception("tls_audit_failed")
+            try:
+                # The plain socket's shutdown: SSLSocket.shutdown would drop the TLS state and let
+                # pynetdicom read the peer's ciphertext as PDUs; this way its next read fails cleanly.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+    sock.settimeout(network_timeout)      # a peer that stalls mid-PDU cannot pin a thread forever
+    assoc.acse_timeout = max(0.5, pre_association_timeout - (time.monotonic() - started))

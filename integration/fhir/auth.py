@@ -170,6 +170,10 @@ class SmartBackendAuth(httpx.Auth):
         except StopIteration as done:
             return str(done.value)
 
+    def has_token(self) -> bool:
+        """Whether a cached token is still usable (no request is made)."""
+        return self._cached() is not None
+
     def invalidate(self) -> None:
         with self._lock:
             self._token = None

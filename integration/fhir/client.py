@@ -8,7 +8,7 @@ versioned update) but nothing about dermgate's reports.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -32,6 +32,7 @@ from integration.fhir.settings import FhirSettings
 FHIR_JSON = "application/fhir+json"
 MAX_REASON_CHARS = 500
 MAX_ISSUES_IN_REASON = 3
+MAX_PAGES = 50
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,19 @@ class FhirClient:
     def search_identifier(self, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
         return self.search(resource_type, {"identifier": f"{system}|{value}"})
 
+    def search_all(self, resource_type: str, params: Mapping[str, str], max_pages: int = MAX_PAGES) -> list[dict[str, Any]]:
+        """Search and follow the ``next`` links (a patient's reports can span pages)."""
+        page = self._send("GET", resource_type, params=params).json()
+        out: list[dict[str, Any]] = []
+        for _ in range(max_pages):
+            out += [e["resource"] for e in page.get("entry", [])
+                    if "resource" in e and e.get("search", {}).get("mode", "match") == "match"]
+            nxt = next((link.get("url") for link in page.get("link", []) if link.get("relation") == "next"), None)
+            if not nxt:
+                return out
+            page = self._send("GET", nxt).json()
+        raise FhirRejected(f"{resource_type} search has more than {max_pages} pages")
+
     def read(self, resource_type: str, resource_id: str) -> tuple[dict[str, Any], str | None]:
         """The resource and its version id (from meta or the ETag)."""
         response = self._send("GET", f"{resource_type}/{resource_id}")
@@ -141,24 +155,28 @@ class FhirClient:
         response = self._send("PUT", path, json=resource, headers={"If-Match": f'W/"{version_id}"'})
         return _json_or_empty(response)
 
-    def create_sequentially(self, bundle: dict[str, Any]) -> dict[str, str]:
+    def create_sequentially(self, bundle: dict[str, Any], *,
+                            find: Callable[[dict[str, Any], str], list[dict[str, Any]]] | None = None,
+                            conditional: bool = True) -> dict[str, str]:
         """Applies a transaction Bundle's conditional creates one by one, for servers without
-        transactions: search the ``ifNoneExist`` criteria, create only when nothing matches.
-        Entries must come in dependency order. Returns fullUrl -> "Type/id"."""
+        transactions: look the entry up, create only when nothing matches. ``find(resource,
+        criteria)`` is the look-up (default: the ``ifNoneExist`` criteria as a search);
+        ``conditional`` also sends If-None-Exist with the create. Entries must come in
+        dependency order. Returns fullUrl -> "Type/id"."""
         resolved: dict[str, str] = {}
         for entry in bundle.get("entry", []):
-            resource = entry["resource"]
+            resource = _resolve(entry["resource"], resolved)
             rtype = resource["resourceType"]
             criteria = entry.get("request", {}).get("ifNoneExist")
             ref: str | None = None
             if criteria:
-                matches = self.search(rtype, dict(parse_qsl(criteria)))
+                matches = find(resource, criteria) if find else self.search(rtype, dict(parse_qsl(criteria)))
                 if len(matches) > 1:
                     raise FhirRejected(f"{len(matches)} {rtype} resources already carry one business identifier")
                 if matches:
                     ref = f"{rtype}/{matches[0]['id']}"
             if ref is None:
-                ref = self.create(_resolve(resource, resolved), if_none_exist=criteria).reference
+                ref = self.create(resource, if_none_exist=criteria if conditional else None).reference
             resolved[entry["fullUrl"]] = ref
         return resolved
 

@@ -16,6 +16,7 @@
     └── FhirPermanentError         dead-letter at once (retryable = False)
         ├── FhirRejected           4xx with the server's OperationOutcome (.issues)
         ├── PatientMatchError      no / several Patients, policy "fail"; unmapped issuer
+        ├── ReportWithdrawn        the EHR marked the report entered-in-error / cancelled: never overwritten
         └── FhirConfigError        unusable configuration (bad key, missing URL)
 """
 
@@ -108,3 +109,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+class ReportWithdrawn(FhirPermanentError):
+    """The EHR withdrew the report (``entered-in-error`` / ``cancelled``): a review must not bring it back."""

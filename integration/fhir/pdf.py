@@ -3,9 +3,12 @@
 Written with fpdf2 (text stays text: searchable and readable by screen
 readers and EHR indexers), about 10x faster than drawing it with matplotlib,
 which mattered: the PDF is built in the pipeline worker for every image. The
-PDF carries no patient name or birth date; the EHR files it into the patient's
-chart and adds its own header. Deterministic: the creation date is the
+EHR files it into the patient's chart. Deterministic: the creation date is the
 report's issue time, so the same inputs give the same bytes.
+
+A printout leaves the chart, so it carries two patient identifiers (The Joint
+Commission's NPSG.01.01.01): the name and date of birth from the DICOM header,
+and the patient ID (MRN) with its issuer.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import textwrap
 from collections.abc import Sequence
 from datetime import datetime
 from io import BytesIO
+from typing import Any
 
 from fpdf import FPDF
 
@@ -29,7 +33,7 @@ PAGE_W_MM = 210.0
 
 
 def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *, issued: datetime,
-                      notes: Sequence[str] = ()) -> bytes:
+                      notes: Sequence[str] = (), thresholds: Any = None) -> bytes:
     """The report as PDF bytes (deterministic for the same inputs). ``notes`` (e.g. that only
     the first frame of a multi-frame source was classified) are printed below the findings."""
     pdf = FPDF(format="A4", unit="mm")
@@ -52,7 +56,7 @@ def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *
     pdf.ln(4)
 
     pdf.set_font("Courier", "", 9)
-    for line in _findings_text(image, prediction, issued).splitlines():
+    for line in _findings_text(image, prediction, issued, thresholds).splitlines():
         pdf.cell(width, 4.6, _latin1(line), new_x="LMARGIN", new_y="NEXT")
     if notes:
         pdf.set_font("Helvetica", "B", 9)
@@ -99,8 +103,27 @@ def _latin1(text: str) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def _findings_text(image: ImageRef, p: Prediction, issued: datetime) -> str:
+def patient_name(pn: str | None) -> str | None:
+    """DICOM PN "Family^Given^Middle^Prefix^Suffix" as "FAMILY, Given Middle"."""
+    if not pn:
+        return None
+    parts = [x.strip() for x in pn.split("=")[0].split("^")]
+    family = parts[0].upper() if parts else ""
+    given = " ".join(x for x in parts[1:3] if x)
+    return ", ".join(x for x in (family, given) if x) or None
+
+
+def birth_date(da: str | None) -> str | None:
+    return f"{da[0:4]}-{da[4:6]}-{da[6:8]}" if da and len(da) == 8 and da.isdigit() else None
+
+
+def _findings_text(image: ImageRef, p: Prediction, issued: datetime, thresholds: Any = None) -> str:
+    ctx = image.context
+    mrn = image.patient_id + (f" ({image.issuer_of_patient_id})" if image.issuer_of_patient_id else "")
     lines = [
+        f"Patient           : {(patient_name(ctx.patient_name) if ctx else None) or '-'}",
+        f"Date of birth     : {(birth_date(ctx.patient_birth_date) if ctx else None) or '-'}",
+        f"Patient ID (MRN)  : {mrn}",
         f"Study date/time   : {image.study_date or '-'} {image.study_time or ''}".rstrip(),
         f"Accession number  : {image.accession_number or '-'}",
         f"Image (SOP UID)   : {image.sop_instance_uid}",
@@ -116,9 +139,13 @@ def _findings_text(image: ImageRef, p: Prediction, issued: datetime) -> str:
         f"Most likely class : {CLASS_NAMES[top]} ({100 * p.probabilities[top]:.1f}%)",
         f"p(malignant)      : {100 * p.malignancy_probability:.1f}%  (melanoma + BCC + AKIEC)",
         f"Risk category     : {p.risk.value}",
+        *([f"Referral threshold: p(malignant) >= {100 * thresholds.referral:.1f}% (High from "
+           f"{100 * thresholds.high:.1f}%)"] if thresholds is not None else []),
         f"Confidence        : {'LOW - interpret with particular care' if p.low_confidence else 'normal'}"
         f"  (uncertainty {p.uncertainty:.2f})",
     ]
+    if p.out_of_distribution:
+        lines.append("Distribution      : OUTSIDE the training distribution - interpret with particular care")
     return "\n".join(lines)
 
 

@@ -78,9 +78,21 @@ class FhirSettings(BaseModel):
     identifier_namespace: str = "urn:dermgate"
     link_imaging_study: bool = True        # look up ImagingStudy by Study Instance UID at delivery
     send_observations: bool = True         # False: the report alone (EHRs that refuse Observation create)
-    performer_reference: str | None = None # e.g. "Organization/123"; default: display only
+    performer_reference: str | None = None # e.g. "Organization/123" (US Core: a reference); default: display only
     performer_display: str = "Dermatology AI decision support service"
-    local_timezone: str = "UTC"            # zone of DICOM StudyDate/StudyTime (no offset in ImageRef)
+    author_reference: str | None = None    # "Practitioner/123": the documents' author (oracle-health requires one)
+    local_timezone: str = "UTC"            # site time zone, for StudyDate/Time without Timezone Offset From UTC
+
+    # Reviewing clinicians as Practitioner references: per signed-in user, else looked up by identifier
+    practitioner_references: dict[str, str] = Field(default_factory=dict)   # user -> "Practitioner/123"
+    practitioner_identifier_system: str | None = None   # Practitioner?identifier=<system>|<user> at delivery
+
+    # Context looked up at delivery (each skipped when the EHR has none or refuses the search)
+    link_encounter: bool = True            # Encounter by the image's Admission ID -> report/Observation.encounter
+    link_service_request: bool = True      # ServiceRequest by placer/filler/accession number -> basedOn
+    order_identifier_system: str | None = None   # system of placer/filler order numbers (logical basedOn)
+    send_provenance: bool | None = None    # a Provenance with the model Device as agent; None: the profile decides
+    model_card_url: str | None = None      # where the site publishes models/MODEL_CARD.md (Device.note)
     class_snomed_codes: dict[str, str] = Field(default_factory=dict)  # site overrides / additions per class
 
     timeouts: Timeouts = Field(default_factory=Timeouts)

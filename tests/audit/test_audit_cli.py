@@ -15,6 +15,7 @@ from audit.format import LOG_FILE
 from audit.keys import init_keys, load_signer
 from audit.trail import AuditTrail
 from audit.keys import FileKeyProvider
+from audit.identity import os_user
 from tests.audit.helpers import store_event
 
 
@@ -40,10 +41,11 @@ def _events(directory: Path, keys) -> list:
 
 def test_verify_exits_zero_on_an_intact_log_and_audits_itself(setup, capsys):
     directory, keys, base = setup
-    assert cli.main(base + ["verify", "--as", "auditor"]) == cli.EXIT_OK
+    assert cli.main(base + ["verify"]) == cli.EXIT_OK
     assert capsys.readouterr().out.startswith("OK:")
     last = _events(directory, keys)[-1]
-    assert last.event is EventType.AUDIT_QUERY and last.actor == "auditor" and last.detail["command"] == "verify"
+    assert last.event is EventType.AUDIT_QUERY and last.actor == f"os:{os_user()}"
+    assert last.detail["command"] == "verify"
 
 
 def test_verify_exits_non_zero_and_names_the_first_bad_record(setup, capsys):
@@ -92,9 +94,12 @@ def test_repair_and_rotate_key_are_audited(setup, capsys):
     with open(directory / LOG_FILE, "ab") as fh:
         fh.write(b'{"ct":"half a rec')
     assert cli.main(base + ["verify"]) == 1
-    assert cli.main(base + ["repair", "--as", "ops"]) == 0
+    assert cli.main(base + ["repair"]) == cli.EXIT_ERROR           # without --confirm: says what it would cut
+    assert "would cut 17 torn bytes" in capsys.readouterr().out
+    assert cli.main(base + ["verify"]) == 1                         # ... and cut nothing
+    assert cli.main(base + ["repair", "--confirm"]) == 0
     assert "cut 17 torn bytes" in capsys.readouterr().out
-    assert cli.main(base + ["rotate-key", "--as", "ops"]) == 0
+    assert cli.main(base + ["rotate-key"]) == 0
     assert cli.main(base + ["verify"]) == 0
     events = _events(directory, keys)
     assert [e.event for e in events[-3:]] == [EventType.CONFIG_CHANGE, EventType.KEY_CHANGE, EventType.AUDIT_QUERY]

@@ -45,11 +45,11 @@ def test_repair_cuts_the_torn_bytes_keeps_them_and_appends_a_signed_repair_recor
     trail = make_trail()
     trail.record(store_event(0))
     torn = _tear(trail, audit_dir)
-    result = trail.repair()
+    result = trail.repair("os:ops")
     assert result.torn_bytes == len(torn) and result.saved_as is not None
     assert result.saved_as.read_bytes() == torn
     last = json.loads((audit_dir / LOG_FILE).read_bytes().splitlines()[-1])
-    assert last["kind"] == "repair" and last["seq"] == result.sealed_seq == 2
+    assert last["kind"] == "repair" and last["seq"] == result.sealed_seq == 2 and last["by"] == "os:ops"
     assert last["torn"]["sha256"] == hashlib.sha256(torn).hexdigest() and last["torn"]["bytes"] == len(torn)
     report = trail.verify()
     assert report.ok and report.repairs == [2], report.summary()
@@ -60,15 +60,16 @@ def test_repair_cuts_the_torn_bytes_keeps_them_and_appends_a_signed_repair_recor
 def test_repair_of_an_intact_but_unsealed_log_adds_a_checkpoint(make_trail, audit_dir):
     trail = make_trail()
     trail.record(store_event())
-    result = trail.repair()
+    result = trail.repair("os:ops")
     assert result.torn_bytes == 0 and result.sealed_seq == 2
-    assert trail.repair().sealed_seq is None                 # already sealed: nothing to do
+    assert trail.repair("os:ops").sealed_seq is None                 # already sealed: nothing to do
 
 
-def test_auto_repair_seals_the_tail_on_the_next_record(make_trail, audit_dir, keyring, signer):
+def test_a_torn_tail_is_never_repaired_by_the_next_record_only_by_the_operator(make_trail, audit_dir):
+    """Issue 12: the next audited action used to "repair" a cut; now only `audit repair --confirm` does."""
     trail = make_trail()
     _tear(trail, audit_dir)
-    healer = make_trail(auto_repair=True)
-    seq = healer.record(store_event(2))
-    report = healer.verify()
-    assert report.ok and report.repairs == [seq - 1]
+    other_process = make_trail()
+    with pytest.raises(TornTailError):
+        other_process.record(store_event(2))
+    assert not other_process.verify().ok                    # still reported, nothing cut

@@ -121,6 +121,14 @@ def collector(certs):
     server.close()
 
 
+def _poll(condition, timeout: float = 10.0) -> None:
+    """Wait for ``condition()`` with a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,7 +139,8 @@ def test_each_durable_event_reaches_the_collector_as_an_rfc5424_dicom_audit_mess
     forwarder = SyslogTlsForwarder("127.0.0.1", collector.port, tls=client_tls_context(certs[0]))
     trail = make_trail(listeners=[forwarder])
     seqs = [trail.record(store_event(i)) for i in range(3)]
-    messages = collector.wait_for(3)
+    collector.wait_for(4)                                    # the genesis record, then the three events
+    messages = [m for m in collector.messages if f" {MSGID} ".encode() in m]
     assert len(messages) == 3
     text = messages[0].decode("utf-8")
     assert text.startswith("<85>1 ")                         # facility 10 (auth), severity 5 (notice), version 1
@@ -168,10 +177,10 @@ def test_queued_messages_are_delivered_once_the_collector_comes_up(make_trail, c
     trail = make_trail(listeners=[forwarder])
     trail.record(store_event(1))
     trail.record(store_event(2))
-    time.sleep(0.2)
+    _poll(lambda: forwarder.stats.connect_failures >= 1)   # it tried while nobody listened
     server = MiniCollector(*certs, port=port)
     try:
-        assert len(server.wait_for(2)) == 2
+        assert len(server.wait_for(3)) == 3                 # the genesis record and both events
         assert forwarder.stats.connect_failures >= 1
     finally:
         forwarder.close()
@@ -184,10 +193,48 @@ def test_a_collector_with_an_untrusted_certificate_gets_nothing(make_trail, coll
                                    backoff_initial=0.05)
     trail = make_trail(listeners=[forwarder])
     trail.record(store_event(1))
-    time.sleep(0.5)
+    _poll(lambda: forwarder.stats.connect_failures >= 1)   # the handshake was tried and refused
     assert collector.messages == [] and forwarder.stats.sent == 0 and forwarder.stats.connect_failures >= 1
     forwarder.close(timeout=0.2)
 
 
 def test_the_client_refuses_tls_below_1_2(certs):
     assert client_tls_context(certs[0]).minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_the_collector_witnesses_the_chain_head_so_a_rollback_with_its_checkpoint_fails_verify(
+        make_trail, collector, certs, audit_dir, tmp_path, keyring, signer):
+    """Issue 12: the trail cut back to an earlier checkpoint (checkpoint.json rolled back with it, and no
+    database anchor to help) verifies on its own; against the collector's copy of the signed records it fails."""
+    from audit import cli
+    from audit.format import LOG_FILE, WITNESS_FILE
+    from audit.keys import TrustedKeys, public_pem
+    from audit.syslog import SIGNED_MSGID
+    from audit.verify import read_witness, verify_log
+    forwarder = SyslogTlsForwarder("127.0.0.1", collector.port, tls=client_tls_context(certs[0]))
+    trail = make_trail(listeners=[forwarder], checkpoint_every=10)
+    for i in range(35):
+        trail.record(store_event(i))
+    trail.close()
+    forwarder.close()
+    signed = [m for m in collector.messages if f" {SIGNED_MSGID} ".encode() in m]
+    assert len(signed) >= 5                                   # genesis, checkpoints at 10, 20, 30, the close
+    received = tmp_path / "collector.log"                     # what the collector stored, one message a line
+    received.write_bytes(b"\n".join(collector.messages) + b"\n")
+    trusted = TrustedKeys([signer.public_key])
+    assert verify_log(audit_dir, trusted, witnesses=read_witness(received)).ok      # honest trail
+    kept = (audit_dir / LOG_FILE).read_bytes().splitlines(keepends=True)[:11]       # back to checkpoint 10
+    (audit_dir / LOG_FILE).write_bytes(b"".join(kept))
+    (audit_dir / WITNESS_FILE).write_bytes(kept[-1])
+    assert verify_log(audit_dir, trusted).ok                                       # the attack, alone
+    report = verify_log(audit_dir, trusted, witnesses=read_witness(received))
+    assert not report.ok and "outside witness holds signed record" in report.first_bad.reason
+    # the same through the command line, with the public key pinned
+    pub = tmp_path / "pinned.pub"
+    pub.write_bytes(public_pem(signer.public_key))
+    key_file = tmp_path / "audit.key"
+    key_file.write_text(keyring.to_json())
+    key_file.chmod(0o600)
+    base = ["--dir", str(audit_dir), "--key-file", str(key_file), "--public-key", str(pub)]
+    assert cli.main(base + ["verify", "--no-decrypt", "--pin-key", str(pub)]) == cli.EXIT_OK
+    assert cli.main(base + ["verify", "--no-decrypt", "--pin-key", str(pub), "--witness", str(received)]) == 1

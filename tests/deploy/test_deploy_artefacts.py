@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dermgate.settings import DicomSettings, Settings, TlsSettings
+from dermgate.settings import Settings, TlsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -38,7 +38,7 @@ ENTRYPOINT = DEPLOY / "docker" / "entrypoint.sh"
 DCLINT = ROOT / "tests" / "deploy" / "tools" / "node_modules" / ".bin" / "dclint"
 K8S_VERSIONS = ("1.29.0", "latest")          # the oldest still widely run, and the newest schema bundled
 NOT_APPLIED = {"kustomization.yaml", "secrets.example.yaml"}
-EXTRA_ENV = {"DERMGATE_CONFIG", "DERMGATE_AUDIT_KEY", "DERMGATE_AUDIT_SIGNING_KEY"}
+EXTRA_ENV = {"DERMGATE_CONFIG", "DERMGATE_AUDIT_KEY", "DERMGATE_AUDIT_SIGNING_KEY", "DERMGATE_STORE_KEY"}
 IMAGE_WORKDIR = "/var/lib/dermgate"
 MAX_SYSTEMD_EXPOSURE = 2.0                   # systemd-analyze security: "OK" ends at 4.9; we aim lower
 
@@ -142,7 +142,7 @@ def test_kubernetes_manifests_validate_strictly_against_the_kubernetes_schemas(v
     version = kv.utils.latest_version() if version == "latest" else version
     checked = 0
     for name, doc in k8s_objects():
-        if doc["apiVersion"].startswith("keda.sh/"):
+        if doc["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
             continue
         try:
             kv.validate(doc, version, strict=True)
@@ -204,9 +204,10 @@ def test_workers_request_one_gpu_each_and_tolerate_gpu_nodes() -> None:
     assert grace > Settings.model_fields["worker"].default_factory().lease_seconds  # type: ignore[misc]
 
 
-def test_scp_service_exposes_plain_and_tls_dicom_and_keeps_client_addresses() -> None:
+def test_scp_service_exposes_only_tls_dicom_and_keeps_client_addresses() -> None:
+    """The configmap requires client certificates, so the plain port is off (issue 12) and not exposed."""
     (svc,) = of_kind("Service", "dermgate-dicom")
-    assert {p["port"] for p in svc["spec"]["ports"]} == {DicomSettings().port, TlsSettings().port}
+    assert {p["port"] for p in svc["spec"]["ports"]} == {TlsSettings().port}
     assert svc["spec"]["externalTrafficPolicy"] == "Local"       # the AE allow-list checks source addresses
     (c,) = deployment("scp")["spec"]["template"]["spec"]["containers"]
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= {p["name"] for p in c["ports"]}
@@ -261,7 +262,7 @@ def test_network_policy_admits_dicom_to_the_scp_and_denies_the_rest() -> None:
     dicom_ports = {p["port"] for pol in policies.values() for rule in pol["spec"].get("ingress", [])
                    for p in rule.get("ports", [])
                    if pol["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") == "scp"}
-    assert dicom_ports >= {DicomSettings().port, TlsSettings().port}
+    assert dicom_ports == {TlsSettings().port}                  # the plain port is off (configmap)
 
 
 # ---- cross-checks with the code ------------------------------------------------------------------

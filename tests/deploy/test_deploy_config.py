@@ -73,6 +73,8 @@ def sample(annotation: Any, default: Any) -> tuple[str, Any] | None:
         return '{"k": "v"}', {"k": "v"}
     if origin is list and typing.get_args(inner) == (str,):
         return '["192.0.2.1"]', ["192.0.2.1"]
+    if origin is list and typing.get_args(inner) == (int,):
+        return "[7, 17]", [7, 17]
     if getattr(inner, "__name__", "") in ("HttpUrl", "AnyUrl", "AnyHttpUrl"):
         return "https://ehr.example.org/fhir", "https://ehr.example.org/fhir"
     return None
@@ -81,6 +83,14 @@ def sample(annotation: Any, default: Any) -> tuple[str, Any] | None:
 # Settings that are only valid together (SMART Backend Services needs all three).
 _SMART = (("fhir", "token_url"), ("fhir", "client_id"), ("fhir", "private_key_file"))
 TOGETHER: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {p: tuple(q for q in _SMART if q != p) for p in _SMART}
+TOGETHER[("dicom", "plain_listener")] = (("dicom", "tls", "enabled"),)   # off needs the TLS port
+# The console's OpenID provider section exists only with its issuer and client id.
+_OIDC_REQUIRED = (("console", "oidc", "issuer"), ("console", "oidc", "client_id"))
+TOGETHER.update({p: tuple(q for q in _OIDC_REQUIRED if q != p) for p, _ in leaves(Settings)
+                 if p[:2] == ("console", "oidc")})
+# Values a generic sample would not pass (validated against a fixed vocabulary).
+SAMPLES: dict[tuple[str, ...], tuple[str, Any]] = {
+    ("console", "oidc", "role_map"): ('{"derm-group": "clinician"}', {"derm-group": "clinician"})}
 
 
 def value_at(settings: Settings, path: tuple[str, ...]) -> Any:
@@ -113,7 +123,7 @@ def test_documented_environment_variable_sets_the_setting(path: tuple[str, ...],
                                                           ) -> None:
     field = dict(leaves(Settings))[path]
     default = None if path == ("workdir",) else gen.default_value(field)
-    pair = sample(field.annotation, default)
+    pair = SAMPLES.get(path) or sample(field.annotation, default)
     if pair is None:
         pytest.fail(f"no sample value for {path} ({field.annotation}): extend sample() in this test")
     text, expected = pair

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ def make_runtime(tmp_path: Path, database_url: str | None = None) -> Runtime:
     models = tmp_path / "model"
     shutil.copytree(src, models, ignore=shutil.ignore_patterns("*.py", "__pycache__", "checkpoints", "configs"))
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({hash_token(t): {"user": u, "role": r} for t, (u, r) in TOKENS.items()}))
+    created = datetime.now(timezone.utc).isoformat()            # tokens live api.token_lifetime_days from here
+    tokens.write_text(json.dumps({hash_token(t): {"user": u, "role": r, "created": created}
+                                  for t, (u, r) in TOKENS.items()}))
     return Runtime(Settings(workdir=tmp_path / "work", database_url=database_url,
                             model=ModelSettings(path=models, threads=1), api=ApiSettings(tokens_file=tokens)))
 
@@ -97,13 +100,13 @@ def test_an_issued_token_opens_the_api_and_a_revoked_one_no_longer_does(tmp_path
     import subprocess
     import sys
     work = tmp_path / "work"
+    rt = Runtime(Settings(workdir=work))     # a work dir with dermgate state (api-token creates none)
     run = [sys.executable, "-m", "dermgate.cli", "api-token"]
     issued = subprocess.run([*run, "add", "--name", "dr.a", "--role", "clinician", "--workdir", str(work)],
                             capture_output=True, text=True, check=True)
     token = issued.stdout.strip()
     stored = (work / "keys" / "api-tokens.json")
     assert token and token not in stored.read_text() and stored.stat().st_mode & 0o077 == 0
-    rt = Runtime(Settings(workdir=work))
     client = TestClient(create_app(rt, check_model=False))
     headers = {"Authorization": f"Bearer {token}"}
     assert client.get("/api/v1/results/1.2.3", headers=headers).status_code == 404   # authenticated, not found
@@ -152,19 +155,33 @@ def test_api_serves_https_with_tls12_or_later_only(tmp_path: Path) -> None:
         rt.close()
 
 
-def test_readyz_checks_that_a_fhir_token_can_be_obtained(tmp_path: Path, fhir: Any, smart_key: Any) -> None:
-    """With SMART auth configured, readiness fails while the EHR's token endpoint is down."""
+def test_readyz_of_a_dispatcher_checks_the_fhir_token_it_holds_without_asking_on_every_probe(
+        tmp_path: Path, fhir: Any, smart_key: Any) -> None:
+    """Where the dispatcher runs, readiness needs an EHR token: the cached one counts (a token
+    endpoint outage does not flap the probe); with none cached and the endpoint down, 503."""
+    import time
+
+    from integration.fhir.auth import SmartBackendAuth
     from integration.fhir.settings import FhirSettings
     from tests.integration.fhir.peer import TEST_CLIENT_ID
-    fhir.configure(require_auth=True)
+    fhir.configure(require_auth=True, token_lifetime_s=2)
     rt = make_runtime(tmp_path)
     rt.settings.fhir = FhirSettings.model_validate({"base_url": fhir.base_url, "token_url": fhir.token_url,
                                                     "client_id": TEST_CLIENT_ID,
                                                     "private_key_file": str(smart_key())})
-    client = TestClient(create_app(rt, check_model=False))
+    client = TestClient(create_app(rt, check_model=False, check_ehr=True))
     ok = client.get("/readyz")
     assert ok.status_code == 200 and ok.json()["checks"]["fhir_token"]["ok"] is True
-    fhir.fault(target="token", status=503, times=1)
+    auth = rt.channels["fhir"].client.http.auth  # type: ignore[attr-defined]
+    assert isinstance(auth, SmartBackendAuth) and auth.tokens_fetched == 1
+    fhir.fault(target="token", status=503, times=100)
+    cached = client.get("/readyz")
+    assert cached.status_code == 200 and auth.tokens_fetched == 1     # no request while the token is good
+    deadline = time.monotonic() + 10
+    while auth.has_token() and time.monotonic() < deadline:           # the 2 s token runs out
+        time.sleep(0.05)
     down = client.get("/readyz")
     assert down.status_code == 503 and down.json()["checks"]["fhir_token"]["ok"] is False
+    # An SCP/API process (no dispatcher) does not ask the EHR at all.
+    assert TestClient(create_app(rt, check_model=False)).get("/readyz").status_code == 200
     rt.close()

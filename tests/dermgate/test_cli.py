@@ -31,7 +31,7 @@ def test_demo_classifies_every_sample_and_commands_act_on_its_workdir(tmp_path: 
     assert jobs.returncode == 0 and jobs.stdout.count("delivered") == 9
     verify = dermgate("audit", "verify", cwd=work)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    search = dermgate("audit", "search", "--patient", "DEMO-0001", "--as", "auditor", cwd=work)
+    search = dermgate("audit", "search", "--patient", "DEMO-0001", cwd=work)   # recorded as os:<user> (issue 12)
     assert search.returncode == 0 and "dicom.store" in search.stdout
     outbox = dermgate("outbox", "list", "--workdir", str(work), cwd=tmp_path)
     assert outbox.returncode == 0

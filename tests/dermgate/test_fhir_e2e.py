@@ -69,7 +69,8 @@ def test_each_image_becomes_exactly_one_valid_report_despite_faults_and_review_f
             report = reports[0]
             assert report["status"] == "preliminary"
             assert fhir_schema.errors(report) == []
-            assert {a["contentType"] for a in report["presentedForm"]} >= {"image/png", "application/pdf"}
+            assert [a["contentType"] for a in report["presentedForm"]] == ["application/pdf"]
+            assert fhir.read(report["media"][0]["link"]["reference"])["content"]["contentType"] == "image/png"
             assert "not a diagnosis" in report["conclusion"].lower()
             assert any(i["value"] == f"urn:oid:{ds.StudyInstanceUID}" for i in report.get("identifier", []))
             for ref in report["result"]:
@@ -87,6 +88,7 @@ def test_each_image_becomes_exactly_one_valid_report_despite_faults_and_review_f
     (pat,) = fhir.search("Patient", identifier=f"{PATIENT_SYSTEM}|{ds0.PatientID}")
     (report,) = fhir.search("DiagnosticReport", subject=f"Patient/{pat['id']}")
     assert report["status"] == "final"
+    assert {fhir.read(r["reference"])["status"] for r in report["result"]} == {"final"}   # Observations follow
     # Every attempt (failed ones included) is in the audit trail.
     attempts = [r.event for r in rt.audit.events() if r.event.event is EventType.FHIR_DELIVERY]
     assert len(attempts) >= len(files) + 1 + 3

@@ -205,3 +205,15 @@ def test_manifest_cut_offs_are_ordered(engine: Engine) -> None:
     for cal in engine.manifest.calibration.values():
         assert 0 < cal.referral_threshold <= cal.high_risk_threshold < 1
         assert cal.temperature > 0
+
+
+def test_d8_views_are_the_eight_symmetries_of_the_square() -> None:
+    """The D8 view set yields 8 distinct views of an asymmetric image, each a rotation or mirror of it."""
+    from inference.engine import D8_VIEWS
+    x = np.arange(3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4)
+    v = tta_batch(x, D8_VIEWS)
+    assert v.shape == (8, 3, 4, 4)
+    assert len({view.tobytes() for view in v}) == 8
+    np.testing.assert_array_equal(v[0], x[0])
+    np.testing.assert_array_equal(v[D8_VIEWS.index("rot90")], np.rot90(x[0], k=-1, axes=(1, 2)))
+    np.testing.assert_array_equal(v[D8_VIEWS.index("rot270")], np.rot90(x[0], k=1, axes=(1, 2)))

@@ -93,3 +93,29 @@ def test_mean_ensemble_is_still_pool_plus_one_linear_head() -> None:
     assert feats.shape == (3, 8, 7, 7)
     torch.testing.assert_close(ens(x), mean_logits)
     torch.testing.assert_close(via_head, mean_logits)
+
+
+def test_members_recovered_from_an_exported_ensemble_reproduce_its_logits(tmp_path) -> None:
+    """Export a 2-member MeanEnsemble with BatchNorms that are not identities, then recover the
+    members from the ONNX file alone (BN folded into the convs): same logits as the graph."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from models.export import export_onnx
+    from models.from_onnx import check_against_onnx, members_from_onnx
+    from models.arch import build_model
+    torch.manual_seed(0)
+    members = [build_model("efficientnet-lite0", 0.3) for _ in range(2)]
+    with torch.no_grad():
+        for m in members:  # non-trivial BN statistics, so that folding matters
+            for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "ens.onnx"
+    export_onnx(MeanEnsemble([m.eval() for m in members]).eval(), path, 64)
+    recovered = members_from_onnx(path, "efficientnet-lite0", 2, 0.3, size=64)
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    assert check_against_onnx(path, recovered, x) < 1e-3
+    with torch.no_grad():  # each member is itself up to its head's bias, which the graph keeps only as a mean
+        diff = recovered[0](torch.from_numpy(x)).numpy() - members[0](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(diff[0], diff[1], atol=1e-3)
+    expected = torch.stack([m._fc.bias for m in members]).mean(0) - members[0]._fc.bias
+    np.testing.assert_allclose(diff[0], expected.detach().numpy(), atol=1e-3)

@@ -8,14 +8,42 @@ requires, set with pydicom.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-IMG2DCM = shutil.which("img2dcm") or "/usr/bin/img2dcm"
+# Where dcmtk lives when PATH finds another tool of the same name first: pynetdicom installs its
+# own storescu, storescp and echoscu into a virtual environment's bin/ (first on PATH in an
+# activated venv or a container image), and they take none of dcmtk's options.
+DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
+DCMTK_BANNER = "$dcmtk:"          # how every dcmtk tool starts its --version output
+
+
+@cache
+def dcmtk_tool(name: str) -> str:
+    """The path of dcmtk's ``name``: the first one on PATH, then in DCMTK_DIRS, whose ``--version``
+    says it is dcmtk (checked once per tool). Falls back to /usr/bin/``name`` so a missing dcmtk
+    fails with that path in the error."""
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), *DCMTK_DIRS]
+    for directory in dict.fromkeys(d for d in dirs if d):
+        candidate = shutil.which(name, path=directory)
+        if candidate is None:
+            continue
+        try:
+            out = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if (out.stdout + out.stderr).lstrip().startswith(DCMTK_BANNER):
+            return candidate
+    return f"/usr/bin/{name}"
+
+
+IMG2DCM = dcmtk_tool("img2dcm")
 _REPO = Path(__file__).resolve().parents[2]
 # Only images committed to the repository: CI runs on a clean clone with no shared data beside it.
 SAMPLE_DIRS = (_REPO / "dermgate" / "samples", _REPO / "tests" / "data" / "samples")
@@ -73,13 +101,13 @@ def img2dcm(jpeg: Path, out: Path, *, dermoscopic: bool = False, patient_id: str
 # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set in its environment; on
 # loopback every C-STORE then waits ~40 ms for the delayed ACK.
 
-ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"
-STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
-STORESCP = shutil.which("storescp") or "/usr/bin/storescp"
-DCMCJPEG = shutil.which("dcmcjpeg") or "/usr/bin/dcmcjpeg"
-DCMDJPEG = shutil.which("dcmdjpeg") or "/usr/bin/dcmdjpeg"
-DCMCRLE = shutil.which("dcmcrle") or "/usr/bin/dcmcrle"
-DCMODIFY = shutil.which("dcmodify") or "/usr/bin/dcmodify"
+ECHOSCU = dcmtk_tool("echoscu")
+STORESCU = dcmtk_tool("storescu")
+STORESCP = dcmtk_tool("storescp")
+DCMCJPEG = dcmtk_tool("dcmcjpeg")
+DCMDJPEG = dcmtk_tool("dcmdjpeg")
+DCMCRLE = dcmtk_tool("dcmcrle")
+DCMODIFY = dcmtk_tool("dcmodify")
 
 
 def dcmtk_env() -> dict[str, str]:

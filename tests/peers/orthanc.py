@@ -128,14 +128,27 @@ def _config(root: Path, dicom_port: int, http_port: int, tls: TlsFiles | None) -
     return cfg
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")   # Debian's orthanc-dicomweb
+
+
+def dicomweb_client_config(servers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Orthanc settings that load the DICOMweb plugin and declare DICOMweb servers it can STOW to."""
+    if not DICOMWEB_PLUGIN.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the Orthanc DICOMweb plugin is missing; .ci/run must apt-get install orthanc-dicomweb")
+        pytest.skip("the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    return {"Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers}}
+
+
 @contextlib.contextmanager
-def run_orthanc(root: Path, tls: TlsFiles | None = None) -> Iterator[OrthancPeer]:
-    """Start Orthanc in ``root`` and stop it on exit."""
+def run_orthanc(root: Path, tls: TlsFiles | None = None, extra: dict[str, Any] | None = None) -> Iterator[OrthancPeer]:
+    """Start Orthanc in ``root`` (``extra``: settings merged over the defaults) and stop it on exit."""
     _require_orthanc()
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     config = root / "orthanc.json"
-    config.write_text(json.dumps(_config(root, dicom_port, http_port, tls), indent=2))
+    config.write_text(json.dumps({**_config(root, dicom_port, http_port, tls), **(extra or {})}, indent=2))
     log = open(root / "orthanc.log", "wb")
     proc = subprocess.Popen([ORTHANC_BIN, f"--logdir={root}", str(config)], stdout=log, stderr=subprocess.STDOUT)
     peer = OrthancPeer(ORTHANC_AET, "127.0.0.1", dicom_port, http_port, root / "storage", tls)

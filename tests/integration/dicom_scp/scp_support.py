@@ -101,15 +101,18 @@ def dicom_settings(**overrides: Any) -> DicomSettings:
 
 @contextmanager
 def running_scp(root: Path, cfg: DicomSettings, *, intake: Intake | None = None,
-                store: ObjectStore | None = None) -> Iterator[Harness]:
-    """Start a DicomService on a free port over SQLite + a folder store under ``root``; stop it after."""
+                store: ObjectStore | None = None, coalesce_s: float = 0.0) -> Iterator[Harness]:
+    """Start a DicomService on a free port over SQLite + a folder store under ``root``; stop it after.
+
+    ``coalesce_s=0``: every refused connection and failed handshake is its own audit record, as
+    the tests of single refusals expect; the flood tests pass the service's window."""
     root.mkdir(parents=True, exist_ok=True)
     engine = make_engine(f"sqlite:///{root / 'dermgate.db'}")
     create_schema(engine)
     sessions = make_sessionmaker(engine)
     store = store or ObjectStore(root / "store")
     audit = ListAudit()
-    service = DicomService(cfg, intake or Intake(store, sessions), audit, store)
+    service = DicomService(cfg, intake or Intake(store, sessions), audit, store, coalesce_s=coalesce_s)
     service.start()
     try:
         yield Harness(service, audit, store, sessions, root)

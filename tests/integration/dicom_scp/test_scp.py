@@ -4,6 +4,7 @@ correct RGB pixels, durability before Success, duplicates and conflicts, associa
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from integration.dicom_scp import status as st
 from integration.dicom_scp import uids
 from integration.dicom_scp.decode import decode_rgb
 from tests.integration.dicom_scp.scp_support import (LOCALHOST, MODALITY, SCP_AET, Harness, dicom_settings,
-                                                     jpeg_rgb, mean_abs_diff, running_scp)
+                                                     jpeg_rgb, mean_abs_diff, running_scp, wait_for)
 from tests.peers.dcmtk import (DCMCJPEG, DCMCRLE, DCMDJPEG, convert, echoscu, img2dcm, proposal, sample_jpeg,
                                storescu)
 
@@ -210,9 +211,11 @@ def test_wrong_called_ae_is_rejected(scp: Harness) -> None:
 
 
 def test_known_ae_from_an_unlisted_host_is_rejected(tmp_path: Path) -> None:
-    """MODALITY may call only from 127.0.0.2: from 127.0.0.1 it is refused, from 127.0.0.2 accepted."""
+    """MODALITY may call only from 127.0.0.2: from 127.0.0.1 (listed for OTHER only) it gets an
+    A-ASSOCIATE-RJ, from 127.0.0.2 it is accepted."""
     from dermgate.settings import AllowedCaller
-    cfg = dicom_settings(allowed_callers=[AllowedCaller(ae_title=MODALITY, hosts=["127.0.0.2"])],
+    cfg = dicom_settings(allowed_callers=[AllowedCaller(ae_title=MODALITY, hosts=["127.0.0.2"]),
+                                          AllowedCaller(ae_title="OTHER", hosts=[LOCALHOST])],
                          host="0.0.0.0")
     with running_scp(tmp_path, cfg) as scp:
         res = echoscu(LOCALHOST, scp.port, calling=MODALITY, called=SCP_AET)
@@ -263,8 +266,14 @@ def test_stop_lets_an_in_flight_association_finish(tmp_path: Path) -> None:
         stopper = threading.Thread(target=scp.service.stop, kwargs={"timeout": 10})
         port = scp.port
         stopper.start()
-        import time
-        time.sleep(0.3)
+
+        def port_closed() -> bool:
+            try:
+                socket.create_connection((LOCALHOST, port), timeout=1).close()
+            except OSError:
+                return True
+            return False
+        assert wait_for(port_closed, timeout=10)
         assert echoscu(LOCALHOST, port, calling=MODALITY, called=SCP_AET, options=["-to", "2"]).returncode != 0
         assert assoc.send_c_echo().Status == st.SUCCESS
         assoc.release()

@@ -109,8 +109,12 @@ class FhirTestServer:
         if not repository_only:
             self._read_token = None
 
-    def configure(self, *, require_auth: bool | None = None, token_lifetime_s: int | None = None) -> None:
+    def configure(self, *, require_auth: bool | None = None, token_lifetime_s: int | None = None,
+                  vendor: str | None | bool = False) -> None:
+        """``vendor``: "epic" / "oracle" imitate that vendor's documented limits, None switches back."""
         body: dict[str, Any] = {}
+        if vendor is not False:
+            body["vendor"] = vendor
         if require_auth is not None:
             body["require_auth"] = require_auth
         if token_lifetime_s is not None:
@@ -145,7 +149,9 @@ class FhirTestServer:
     def _headers(self) -> dict[str, str]:
         if self._read_token is None:
             self._read_token = self.control("token", {})["access_token"]
-        return {"Authorization": f"Bearer {self._read_token}", "Accept": "application/fhir+json"}
+        # X-Test-Harness: the test plays the EHR itself (set-up and reads), outside any vendor imitation
+        return {"Authorization": f"Bearer {self._read_token}", "Accept": "application/fhir+json",
+                "X-Test-Harness": "1"}
 
     def get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
         return httpx.get(self.base_url + path, params=params, headers=self._headers(), timeout=10.0)

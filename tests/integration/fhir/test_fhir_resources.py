@@ -32,8 +32,12 @@ ISSUED = datetime(2026, 3, 12, 11, 0, tzinfo=timezone.utc)
 PDF = b"%PDF-1.4 placeholder for builder tests"
 
 
+AUTHOR = "Practitioner/dermgate-service"
+
+
 def payload(profile: ProfileName = ProfileName.GENERIC_R4, **kw: Any) -> dict[str, Any]:
-    settings = FhirSettings(base_url="http://ehr.invalid/fhir/", profile=profile, **kw.pop("settings", {}))
+    extra = {"author_reference": AUTHOR} if profile is ProfileName.ORACLE_HEALTH else {}
+    settings = FhirSettings(base_url="http://ehr.invalid/fhir/", profile=profile, **extra, **kw.pop("settings", {}))
     return prepare_report_payload(kw.pop("image", image_ref()), kw.pop("prediction", synthetic_prediction(64, 64)),
                                   cam_png(), settings, issued=ISSUED, pdf=kw.pop("pdf", PDF))
 
@@ -70,7 +74,8 @@ def test_bundle_is_identical_on_every_prepare_so_retries_are_conditional_creates
 def test_generic_bundle_holds_device_observations_and_a_preliminary_report_referencing_them() -> None:
     bundle = payload()["bundle"]
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
-    assert kinds == ["Device", "Observation", "Observation", "Observation", "Observation", "DiagnosticReport"]
+    assert kinds == ["Device", "Observation", "Observation", "Observation", "Observation", "Media",
+                     "DiagnosticReport"]
     urls = {e["fullUrl"] for e in bundle["entry"]}
     report = bundle["entry"][-1]["resource"]
     assert report["status"] == "preliminary"
@@ -99,11 +104,16 @@ def test_report_carries_study_uid_accession_and_business_identifier() -> None:
     assert {img.sop_instance_uid, f"urn:oid:{img.study_instance_uid}", img.accession_number} <= values
 
 
-def test_presented_form_holds_heatmap_png_and_pdf_with_matching_size_and_sha1() -> None:
-    report = resources(payload()["bundle"], "DiagnosticReport")[0]
+def test_presented_form_is_the_pdf_and_the_heatmap_png_is_media_with_matching_size_and_sha1() -> None:
+    bundle = payload()["bundle"]
+    report = resources(bundle, "DiagnosticReport")[0]
+    [media] = resources(bundle, "Media")
     forms = {f["contentType"]: f for f in report["presentedForm"]}
-    assert set(forms) == {"image/png", "application/pdf"}
-    for form in forms.values():
+    assert set(forms) == {"application/pdf"}
+    media_url = next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Media")
+    assert report["media"][0]["link"] == {"reference": media_url}
+    assert media["content"]["contentType"] == "image/png"
+    for form in [*forms.values(), media["content"]]:
         data = base64.b64decode(form["data"])
         assert form["size"] == len(data)
         assert base64.b64decode(form["hash"]) == hashlib.sha1(data).digest()
@@ -138,13 +148,16 @@ def test_oracle_profile_never_sends_a_bare_date(fhir_schema: R4Schema) -> None:
     assert generic["effectiveDateTime"] == "2026-03-12"
 
 
-def test_oracle_profile_sends_a_document_reference_with_pdf_and_png_instead_of_a_diagnostic_report() -> None:
+def test_oracle_profile_sends_a_document_reference_with_one_pdf_clinical_note_category_and_practitioner_author(
+        ) -> None:
     bundle = payload(ProfileName.ORACLE_HEALTH)["bundle"]
     assert not resources(bundle, "DiagnosticReport")
     assert not [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Device"]
     doc = resources(bundle, "DocumentReference")[0]
     assert doc["docStatus"] == "preliminary"
-    assert [c["attachment"]["contentType"] for c in doc["content"]] == ["application/pdf", "image/png"]
+    assert [c["attachment"]["contentType"] for c in doc["content"]] == ["application/pdf"]
+    assert doc["category"][0]["coding"][0]["code"] == "clinical-note"
+    assert doc["author"] == [{"reference": AUTHOR}]
     related = {r["reference"] for r in doc["context"]["related"]}
     assert related == {e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"}
 
@@ -155,7 +168,8 @@ def test_epic_profile_sends_one_report_with_observations_and_device_contained() 
     report = bundle["entry"][0]["resource"]
     contained = {r["id"]: r for r in report["contained"]}
     assert contained["device"]["resourceType"] == "Device"
-    assert {r["reference"] for r in report["result"]} == {f"#{k}" for k in contained if k != "device"}
+    assert contained["media"]["resourceType"] == "Media" and report["media"][0]["link"] == {"reference": "#media"}
+    assert {r["reference"] for r in report["result"]} == {f"#{k}" for k in contained if k not in ("device", "media")}
 
 
 def test_not_assessable_image_gets_a_report_without_class_and_with_the_reason(fhir_schema: R4Schema) -> None:
@@ -179,7 +193,7 @@ def test_site_can_supply_snomed_codes_for_classes_without_a_confirmed_concept() 
 
 @pytest.mark.parametrize(("decision", "diagnosis", "status"), [
     (ReviewDecision.CONFIRM, None, "final"),
-    (ReviewDecision.OVERRIDE, "mel", "amended"),
+    (ReviewDecision.OVERRIDE, "mel", "final"),   # the first sign-off is final, with the clinician's diagnosis
 ])
 def test_review_update_sets_status_interpreter_and_clinicians_diagnosis(
         decision: ReviewDecision, diagnosis: str | None, status: str, fhir_schema: R4Schema) -> None:

@@ -12,6 +12,10 @@
 //   /.well-known/smart-configuration
 //   /control/...            test hooks: reset, config, clients, faults, stats, token
 //
+// Vendor modes (POST /control/config {"vendor": "epic" | "oracle" | null}) imitate what each
+// EHR vendor's public FHIR API documents, so dermgate's profiles are tested against the
+// refusals they would meet (see vendorRefusal below for each rule and its source).
+//
 // Prints one JSON line {"port": N} on stdout once listening (PORT=0 picks a free port).
 // Test infrastructure only: never expose it beyond loopback.
 
@@ -83,7 +87,7 @@ const state = freshState();
 
 function freshState() {
   return {
-    config: { requireAuth: false, tokenLifetimeS: 300 },
+    config: { requireAuth: false, tokenLifetimeS: 300, vendor: null },
     clients: new Map(), // client_id -> { jwks, scope }
     tokens: new Map(), // access token -> { clientId, expiresAt }
     harnessTokens: new Set(), // the tests' own read tokens: never revoked or expired
@@ -194,6 +198,62 @@ function bearerOk(req) {
   return !!token && token.expiresAt > Date.now();
 }
 
+// ---------------------------------------------------------------- vendor imitations
+
+// Oracle Health Millennium, "Create a document reference" (docs.oracle.com, Millennium Platform
+// APIs, FHIR R4, op-documentreference-post): the supported MIME types, one attachment, author only
+// Practitioner references, every date with a time component.
+const ORACLE_DOC_MIME = new Set([
+  'application/pdf', 'text/plain', 'text/richtext', 'text/rtf', 'text/html', 'application/xml', 'application/xhtml+xml',
+]);
+// Resources searched with the patient (or _id): Epic documents DiagnosticReport search by _id /
+// patient / date and Observation search by patient plus code or category (fhir.epic.com
+// specifications); Millennium documents DocumentReference and Observation search by _id or patient.
+const PATIENT_SCOPED = new Set([
+  'DiagnosticReport', 'Observation', 'DocumentReference', 'ImagingStudy', 'Encounter', 'ServiceRequest', 'Media',
+]);
+const DATE_ONLY = /^\d{4}(-\d{2}(-\d{2})?)?$/;
+
+/** Why the imitated vendor refuses this request (a string), or undefined when it takes it. */
+function vendorRefusal(method, path, query, body, headers) {
+  const vendor = state.config.vendor;
+  if (!vendor || headers['x-test-harness'] === '1') return undefined;   // the tests' own reads and set-up
+  const name = vendor === 'epic' ? 'Epic' : 'Oracle Health Millennium';
+  const type = path.split('/').filter(Boolean)[0] ?? '';
+  if (method === 'POST' && (path === '/' || path === '')) {
+    return `${name}: transaction and batch Bundles are not supported`;
+  }
+  if (method === 'POST' && headers['if-none-exist']) {
+    return `${name}: conditional create (If-None-Exist) is not a documented interaction`;
+  }
+  if (method === 'GET' && PATIENT_SCOPED.has(type) && path.split('/').filter(Boolean).length === 1) {
+    if (!query._id && !query.patient && !query.subject) {
+      return `${name}: ${type} search needs _id or patient (identifier alone is not a supported search)`;
+    }
+    if (vendor === 'epic' && type === 'Observation' && !query._id && !query.code && !query.category) {
+      return 'Epic: Observation search needs patient plus code or category';
+    }
+  }
+  if (vendor === 'oracle' && method === 'POST' && type === 'DiagnosticReport') {
+    return 'Oracle Health Millennium: DiagnosticReport create takes only cardiology and pathology reports';
+  }
+  if (vendor === 'oracle' && (method === 'POST' || method === 'PUT') && body?.resourceType === 'DocumentReference') {
+    const content = body.content ?? [];
+    if (content.length !== 1) return `Oracle Health Millennium: exactly one content entry is allowed, got ${content.length}`;
+    const mime = content[0]?.attachment?.contentType;
+    if (!ORACLE_DOC_MIME.has(mime)) return `Oracle Health Millennium: content type ${mime} is not supported`;
+    const authors = body.author ?? [];
+    if (authors.some((a) => !String(a.reference ?? '').startsWith('Practitioner/'))) {
+      return 'Oracle Health Millennium: author must contain only Practitioner references';
+    }
+    const dates = [body.date, body.context?.period?.start, body.context?.period?.end, content[0]?.attachment?.creation];
+    if (dates.some((d) => typeof d === 'string' && DATE_ONLY.test(d))) {
+      return 'Oracle Health Millennium: all provided dates must have a time component';
+    }
+  }
+  return undefined;
+}
+
 // ---------------------------------------------------------------- FHIR
 
 async function handleFhir(req, res, url) {
@@ -223,13 +283,20 @@ async function handleFhir(req, res, url) {
       return;
     }
   }
+  const query = Object.fromEntries(url.searchParams.entries());
+  const refusal = vendorRefusal(method, path, query, body, req.headers);
+  if (refusal) {
+    entry.status = 400;
+    entry.refusal = refusal;
+    send(res, 400, outcome('error', 'not-supported', refusal));
+    return;
+  }
   const issues = validateWrite(method, body);
   if (issues.length > 0) {
     entry.status = 400;
     send(res, 400, { resourceType: 'OperationOutcome', issue: issues });
     return;
   }
-  const query = Object.fromEntries(url.searchParams.entries());
   const fhirReq = {
     method,
     url: path + url.search,
@@ -352,6 +419,7 @@ async function handleControl(req, res, url) {
     case 'POST /control/config':
       if (body.require_auth !== undefined) state.config.requireAuth = !!body.require_auth;
       if (body.token_lifetime_s !== undefined) state.config.tokenLifetimeS = Number(body.token_lifetime_s);
+      if (body.vendor !== undefined) state.config.vendor = body.vendor;
       send(res, 200, state.config, json);
       return;
     case 'POST /control/clients':

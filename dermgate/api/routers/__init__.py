@@ -1,0 +1,2 @@
+"""The JSON API's routers, one per resource: ops (health, readiness, metrics, JWKS),
+results, reviews, outbox."""
