@@ -71,9 +71,12 @@ class DicomService:
         self.guard = ConnectionGuard(self.policy, cfg.max_connections_per_host, cfg.pre_association_timeout,
                                      self.coalescer, clock)
         self.ae = build_ae(cfg)
-        # Received data sets go to files in the store's incoming/ folder as they arrive (incoming.py).
-        setattr(self.ae, incoming.SPOOL_ATTR, incoming.SpoolSettings(
-            folder=store.root / incoming.INCOMING_DIR, max_bytes=cfg.max_object_bytes, max_pixels=cfg.max_pixels))
+        # Received data sets go to files in the store's incoming/ folder as they arrive (incoming.py);
+        # without a store (a service that only answers C-ECHO, tests) they stay in memory.
+        if store is not None:
+            setattr(self.ae, incoming.SPOOL_ATTR, incoming.SpoolSettings(
+                folder=store.root / incoming.INCOMING_DIR, max_bytes=cfg.max_object_bytes,
+                max_pixels=cfg.max_pixels))
         self.servers: dict[str, GuardedAssociationServer] = {}
 
     def handlers(self) -> list[tuple[Any, ...]]:

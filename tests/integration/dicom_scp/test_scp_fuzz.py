@@ -24,6 +24,7 @@ from dermgate.db import Instance, JobState, OutboxItem, OutboxState
 from dermgate.pipeline import Dispatcher, Worker
 from dermgate.settings import WorkerSettings
 from integration.dicom_scp import status as st
+from integration.dicom_scp.stages import DicomDecoder, DicomRenderer
 from integration.fhir.settings import FhirSettings
 from tests.integration.dicom_scp.fuzz import Answer, Mutant, base_objects, corpus, send_all
 from tests.integration.dicom_scp.scp_support import LOCALHOST, MODALITY, SCP_AET, Harness, dicom_settings, running_scp
@@ -98,7 +99,7 @@ def test_every_accepted_mutant_becomes_its_sc_sr_and_report(fuzzed: Fuzzed, tmp_
     cfg = WorkerSettings(batch_size=8, max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02)
     planner = FhirPlanner(FHIR_FILE_CHANNEL, FhirSettings())
     worker = Worker(scp.sessions, scp.store, Engine(intra_op_threads=2, tta=False, cpu_memory_arena=False), ListAudit(),
-                    [planner], cfg)
+                    [planner], cfg, decoder=DicomDecoder(), renderer=DicomRenderer(scp.store))
     dispatcher = Dispatcher(scp.sessions, {FHIR_FILE_CHANNEL: BundleDirectoryChannel(tmp_path / "bundles")}, cfg,
                             ListAudit())
     while worker.run_once() or dispatcher.run_once():
