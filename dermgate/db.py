@@ -199,7 +199,7 @@ class ConsoleSession(Base):
 @event.listens_for(Review, "after_insert")
 def _review_marks_job(mapper: Any, connection: Any, review: Review) -> None:
     """A review makes its job reviewed for the worklist, in the same transaction."""
-    jobs = Job.__table__
+    jobs: Any = Job.__table__
     connection.execute(jobs.update().where(jobs.c.id == review.job_id).values(reviewed_at=review.created_at))
 
 

@@ -87,8 +87,10 @@ def run(streams: int = 100, *, days: int = 200, change_day: int = 100, shift: fl
     rules = rules or AlarmRules()
     thr, card = threshold_and_card()
     stable_critical = 0
-    stable_any, stable_evals, stable_alarm_evals, stable_kinds = 0, 0, 0, {}
-    before, after, delays, kinds_after = 0, 0, [], {}
+    stable_kinds: dict[str, int] = {}
+    kinds_after: dict[str, int] = {}
+    stable_any, stable_evals, stable_alarm_evals = 0, 0, 0
+    before, after, delays = 0, 0, []
     n_evals = len(range(14, days, every))
     for i in range(streams):
         st = first_alarms(stream(1000 + i, thr, days=days), card, rules, days=days, every=every)

@@ -202,6 +202,7 @@ def outcome_json(o: Outcome, links: Sequence[tuple[OutcomeLink, Instance]] = ())
 def find_candidates(s: Session, o: Outcome, window_days: int) -> tuple[str | None, list[tuple[Job, Instance]], str | None]:
     """(method, [(job, instance)], why none) by the first rule that finds anything."""
     base = select(Job, Instance).join(Instance, Instance.id == Job.instance_id)
+    rows: Any
     if o.accession_number:
         rows = [tuple(r) for r in s.execute(base.where(Instance.accession_number == o.accession_number))]
         if rows:

@@ -126,7 +126,7 @@ def _state_expr(latest: Any = None) -> Any:
     return case(*((_state_rank() == rank, literal(name)) for name, rank in _RANK.items()))
 
 
-def _base(latest: Any) -> Select[Any]:
+def _base(latest: Any) -> Any:   # a Select of (Job, Instance, Review)
     return (select(Job, Instance, Review)
             .join(Instance, Instance.id == Job.instance_id)
             .outerjoin(latest, latest.c.job_id == Job.id)

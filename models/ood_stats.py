@@ -76,7 +76,7 @@ def extract(engine: Engine, paths: list[Path], cache: Path, desc: str) -> dict[s
     out = {"pooled": np.concatenate(pooled).astype(np.float32), "top": np.concatenate(top),
            "stats": np.asarray(stats, np.float64)}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **out)
+    np.savez(cache, **out)  # type: ignore[arg-type]
     return out
 
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -89,15 +89,15 @@ def require(*roles: str):  # noqa: ANN201 - returns a FastAPI dependency
     return Depends(_check)
 
 
-def _error(description: str) -> dict[str, object]:
+def _error(description: str) -> dict[str, Any]:
     from dermgate.api.models import ErrorOut
     return {"model": ErrorOut, "description": description}
 
 
-AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _error("no bearer token, or an unknown or revoked one (audited)"),
     403: _error("the token's role may not do this (audited)"),
 }
-NOT_FOUND = {404: _error("no image with this SOP Instance UID")}
-CONFLICT = {409: _error("the AI result for this image is not ready yet")}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("no image with this SOP Instance UID")}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: _error("the AI result for this image is not ready yet")}
 

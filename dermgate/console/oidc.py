@@ -81,7 +81,7 @@ class OidcClient:
             r = self._http.get(self.metadata()["jwks_uri"])
             r.raise_for_status()
             self._jwks = r.json()
-        return KeySet.import_key_set(self._jwks)
+        return KeySet.import_key_set(self._jwks)  # type: ignore[arg-type]
 
     def _secret(self) -> str | None:
         f = self.settings.client_secret_file
@@ -125,7 +125,7 @@ class OidcClient:
         data = {"grant_type": "authorization_code", "code": code, "redirect_uri": flow["redirect_uri"],
                 "code_verifier": flow["verifier"]}
         secret = self._secret()
-        auth = (self.settings.client_id, secret) if secret else None
+        auth: Any = (self.settings.client_id, secret) if secret else None
         if auth is None:
             data["client_id"] = self.settings.client_id
         try:

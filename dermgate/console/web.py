@@ -240,7 +240,7 @@ def home(request: Request) -> Response:
 
 
 def _login_page(c: Console, request: Request, *, error: str | None = None, status_code: int = 200,
-                username: str = "") -> HTMLResponse:
+                username: str = "") -> Response:
     import secrets
     token = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(32)
     notice = None
