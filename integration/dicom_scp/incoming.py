@@ -32,7 +32,7 @@ from typing import IO, Any, Final
 
 from pydicom import dcmread
 
-from dermgate.durable import TMP_SUFFIX, owner_tag
+from dermgate.durable import TMP_SUFFIX, owner_tag, private_dir
 from integration.dicom_scp import status as st
 
 INCOMING_DIR: Final = "incoming"
@@ -53,7 +53,7 @@ class IncomingFile:
     ``write``, ``file.flush``, ``name``, ``close``)."""
 
     def __init__(self, cfg: SpoolSettings) -> None:
-        cfg.folder.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.folder)          # PHI arrives here: owner only (0700), like the store
         self.cfg = cfg
         self._fp: IO[bytes] = _original(delete=False, mode="wb", dir=cfg.folder,
                                         prefix=f".incoming.{owner_tag()}.", suffix=TMP_SUFFIX)
