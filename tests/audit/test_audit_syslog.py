@@ -217,7 +217,13 @@ def test_the_collector_witnesses_the_chain_head_so_a_rollback_with_its_checkpoin
         trail.record(store_event(i))
     trail.close()
     forwarder.close()
-    signed = [m for m in collector.messages if f" {SIGNED_MSGID} ".encode() in m]
+
+    def signed_messages() -> list[bytes]:
+        return [m for m in collector.messages if f" {SIGNED_MSGID} ".encode() in m]
+    deadline = time.monotonic() + 15            # the collector reads on its own thread: poll, do not sleep
+    while len(signed_messages()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signed = signed_messages()
     assert len(signed) >= 5                                   # genesis, checkpoints at 10, 20, 30, the close
     received = tmp_path / "collector.log"                     # what the collector stored, one message a line
     received.write_bytes(b"\n".join(collector.messages) + b"\n")
