@@ -71,8 +71,14 @@ class Runtime:
         return Dispatcher(self.sessions, self.channels, self.settings.worker, self.audit, owner=owner)
 
     def intake(self) -> Any:
+        """The SCP's intake, one image at a time (tools and tests; the SCP uses ``group_commit``)."""
         from dermgate.intake import Intake
         return Intake(self.store, self.sessions)
+
+    def group_commit(self) -> Any:
+        """The SCP's intake and audit sink with group commit (dermgate/groupcommit.py); close it after the SCP."""
+        from dermgate.groupcommit import GroupCommit
+        return GroupCommit(self.store, self.sessions, self.audit)
 
     def close(self) -> None:
         closer = getattr(self.__dict__.get("audit"), "close", None)
@@ -114,6 +120,15 @@ class TimedAudit:
         seq = self.trail.record(event)
         metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
         return int(seq)
+
+    def record_many(self, events: Any) -> list[int]:
+        import time
+
+        from dermgate import metrics
+        t0 = time.perf_counter()
+        seqs = self.trail.record_many(events)
+        metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
+        return [int(s) for s in seqs]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.trail, name)

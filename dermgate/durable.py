@@ -37,3 +37,68 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, dir_mode: int = 
     finally:
         os.close(dfd)
     return path
+
+
+class Deferred:
+    """Bytes renamed into place but not yet fsynced: ``write_deferred``'s half of ``write_atomic``.
+
+    The caller makes them durable with :meth:`sync` (file, then every folder the
+    rename or a new sub-folder touched) before it acknowledges anything, and
+    always :meth:`close`\\ s it. Used by the intake's group commit, which fsyncs
+    many of these at once, alongside the database commit.
+    """
+
+    def __init__(self, path: Path, fd: int, dirs: tuple[Path, ...]) -> None:
+        self.path, self.fd, self.dirs = path, fd, dirs
+
+    def sync_file(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def write_deferred(path: Path, data: bytes, *, mode: int = 0o640, dir_mode: int = 0o750) -> Deferred:
+    """``write_atomic`` without its fsyncs: a unique temporary file, written, renamed over ``path``.
+
+    Readers see the whole new file or nothing, but it is durable only after
+    ``sync_file()`` and ``fsync_dir()`` of each of ``.dirs``.
+    """
+    path = Path(path)
+    created = _mkdirs(path.parent, dir_mode)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    # the rename lives in the parent; each folder made here lives in its own parent
+    return Deferred(path, fd, (path.parent, *(d.parent for d in created)))
+
+
+def fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _mkdirs(directory: Path, mode: int) -> list[Path]:
+    """``mkdir -p``; returns the folders it created (their parents' entries need an fsync too)."""
+    if directory.is_dir():
+        return []
+    created = _mkdirs(directory.parent, mode)
+    try:
+        directory.mkdir(mode=mode)
+        created.append(directory)
+    except FileExistsError:
+        pass
+    return created

@@ -20,3 +20,8 @@ OUTBOX = Gauge("dermgate_outbox", "Outbox rows by channel and state", ["channel"
 DELIVERIES = Counter("dermgate_deliveries_total", "Delivery attempts by channel and result", ["channel", "result"])
 AUDIT_WRITE_SECONDS = Histogram("dermgate_audit_write_seconds", "Audit record write time (incl. fsync)",
                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
+INTAKE_GROUP_SIZE = Histogram("dermgate_intake_group_size", "C-STORE images made durable by one group commit",
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+INTAKE_COMMIT_SECONDS = Histogram("dermgate_intake_commit_seconds",
+                                  "One intake group commit: object + folder fsyncs alongside the database commit",
+                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))

@@ -19,6 +19,7 @@ the channels and the output writers it calls.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -84,8 +85,16 @@ class Loaded:
 # ---- stages: small typed functions -------------------------------------------------------------
 
 def load(store: ObjectStore, inst: Instance, job: Job) -> Loaded:
-    """Stage 1: read the stored object back (it was fsynced before Success was answered)."""
-    ds = pydicom.dcmread(BytesIO(store.read(inst.path)))
+    """Stage 1: read the stored object back (it was fsynced before Success was answered).
+
+    Its sha256 is checked against the row: the intake's group commit fsyncs the object
+    alongside the row's commit, so a crash before Success may leave a row whose object
+    is torn (dermgate/groupcommit.py); the SCU's resend repairs it, until then the job
+    retries."""
+    data = store.read(inst.path)
+    if hashlib.sha256(data).hexdigest() != inst.sha256:
+        raise PipelineError("stored object incomplete (sha256 differs from the received object's)")
+    ds = pydicom.dcmread(BytesIO(data))
     return Loaded(job.id, job.correlation_id, ImageRef.from_object(inst), ds)
 
 

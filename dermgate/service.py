@@ -32,6 +32,7 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.loops: list[Any] = []
         self.scp: Any = None
+        self.group_commit: Any = None
         self.api_server: Any = None
 
     def start(self) -> None:
@@ -56,7 +57,8 @@ class Service:
             if not rt.settings.dicom.allowed_callers and not rt.settings.dicom.accept_unknown_callers:
                 log.warning("scp_allow_list_empty", note="every association will be rejected: "
                             "configure dicom.allowed_callers (AE title + hosts)")
-            self.scp = DicomService(rt.settings.dicom, rt.intake(), rt.audit, rt.store)
+            self.group_commit = rt.group_commit()
+            self.scp = DicomService(rt.settings.dicom, self.group_commit.intake, self.group_commit.audit, rt.store)
             self.scp.start()
         log.info("service_started", roles=sorted(self.roles), version=__version__)
 
@@ -106,6 +108,8 @@ class Service:
     def stop(self, timeout: float = 30.0) -> None:
         if self.scp is not None:
             self.scp.stop()
+        if self.group_commit is not None:
+            self.group_commit.close()
         self.stop_event.set()
         if self.api_server is not None:
             self.api_server.should_exit = True

@@ -10,10 +10,11 @@ and on NFSv4; the shared volume must offer atomic rename).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
-from dermgate.durable import write_atomic
+from dermgate.durable import Deferred, write_atomic, write_deferred
 
 
 class StoreError(Exception):
@@ -46,5 +47,36 @@ class ObjectStore:
             self.put(rel, data)
         return rel, digest
 
+    def stage_object(self, data: bytes) -> tuple[str, str, Deferred]:
+        """``put_object`` for a group commit: the bytes are in place, not yet fsynced.
+
+        Returns (relative path, sha256, the :class:`~dermgate.durable.Deferred` to
+        sync). An object already there is checked against its name first: one
+        renamed but never fsynced before a crash may be torn, and is rewritten.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"objects/{digest[:2]}/{digest}.dcm"
+        path = self.root / rel
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return rel, digest, write_deferred(path, data)
+            if _sha256_fd(fd) == digest:
+                return rel, digest, Deferred(path, fd, (path.parent,))   # fsync anyway: it may be in flight
+            os.close(fd)
+            return rel, digest, write_deferred(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
+
     def read(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
