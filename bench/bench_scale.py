@@ -30,7 +30,10 @@ from tests.peers.dcmtk import dcmtk_env
 from tests.peers.orthanc import free_port
 from tests.peers.postgres import create_database, drop_database, start_server
 
-HAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000" / "images"
+REPO = Path(__file__).resolve().parents[1]
+HAM = REPO.parent / "shared" / "data" / "ham10000" / "images"
+# Without the shared data set beside the checkout: the HAM10000 samples committed to the repository.
+SAMPLES = (REPO / "dermgate" / "samples", REPO / "tests" / "data" / "samples")
 BENCH_AE = "BENCHSCOPE"
 
 
@@ -38,7 +41,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
     import cv2
     from pydicom.uid import generate_uid
     folder.mkdir(parents=True, exist_ok=True)
-    sources = sorted(HAM.glob("*.jpg"))[: max(n, 1)]
+    sources = sorted(HAM.glob("*.jpg"))[: max(n, 1)] or sorted(p for d in SAMPLES for p in d.glob("*.jpg"))
     out = []
     for i in range(n):
         src = sources[i % len(sources)]

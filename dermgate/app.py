@@ -63,22 +63,24 @@ class Runtime:
         from dermgate.channels import build_planners
         return build_planners(self)
 
-    def worker(self, owner: str | None = None) -> Worker:
+    def worker(self, owner: str | None = None, on_planned: Any = None) -> Worker:
         return Worker(self.sessions, self.store, self.classifier, self.audit, self.planners,
-                      self.settings.worker, owner=owner)
+                      self.settings.worker, owner=owner, on_planned=on_planned)
 
-    def dispatcher(self, owner: str | None = None) -> Dispatcher:
-        return Dispatcher(self.sessions, self.channels, self.settings.worker, self.audit, owner=owner)
+    def dispatcher(self, owner: str | None = None, channels: list[str] | None = None) -> Dispatcher:
+        """A dispatcher for ``channels`` (default: every channel)."""
+        chosen = self.channels if channels is None else {c: self.channels[c] for c in channels}
+        return Dispatcher(self.sessions, chosen, self.settings.worker, self.audit, owner=owner)
 
     def intake(self) -> Any:
         """The SCP's intake, one image at a time (tools and tests; the SCP uses ``group_commit``)."""
         from dermgate.intake import Intake
         return Intake(self.store, self.sessions)
 
-    def group_commit(self) -> Any:
+    def group_commit(self, on_commit: Any = None) -> Any:
         """The SCP's intake and audit sink with group commit (dermgate/groupcommit.py); close it after the SCP."""
         from dermgate.groupcommit import GroupCommit
-        return GroupCommit(self.store, self.sessions, self.audit)
+        return GroupCommit(self.store, self.sessions, self.audit, on_commit=on_commit)
 
     def close(self) -> None:
         closer = getattr(self.__dict__.get("audit"), "close", None)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from audit.api import AuditEvent, AuditSink
+from audit.api import AuditEvent, AuditSink, record_all
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState
 from dermgate.durable import Deferred, fsync_dir
@@ -92,9 +92,11 @@ class GroupCommit:
     """The committer of one SCP process: :attr:`intake` and :attr:`audit` are what the SCP uses."""
 
     def __init__(self, store: ObjectStore, sessions: sessionmaker, audit: AuditSink, *,
-                 max_group: int = MAX_GROUP, gather_s: float = GATHER_S) -> None:
+                 max_group: int = MAX_GROUP, gather_s: float = GATHER_S,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self.store, self.sessions = store, sessions
         self.max_group = max_group
+        self.on_commit = on_commit              # new jobs committed: wake this process's workers
         self.intake = GroupIntake(self)
         self.audit = GroupAudit(audit, self, gather_s)
         self._cond = threading.Condition()
@@ -143,6 +145,10 @@ class GroupCommit:
                     for item in group:
                         item.done = True
                     self._cond.notify_all()
+            if self.on_commit is not None and any(
+                    i.result is not None and i.result.status is IntakeStatus.ACCEPTED and i.error is None
+                    for i in group):
+                self.on_commit()
 
     def _commit(self, group: list[_Staged]) -> None:
         t0 = time.perf_counter()
@@ -298,11 +304,3 @@ class GroupAudit:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sink, name)
-
-
-def record_all(sink: AuditSink, events: Sequence[AuditEvent]) -> list[int]:
-    """One durable write for ``events`` when the sink can (``record_many``), else one by one."""
-    many = getattr(sink, "record_many", None)
-    if many is not None:
-        return list(many(events))
-    return [sink.record(e) for e in events]

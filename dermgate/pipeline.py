@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from audit.api import AuditEvent, AuditSink, EventType, Outcome
+from audit.api import AuditEvent, AuditSink, EventType, Outcome, record_all
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState, OutboxItem, OutboxState, utcnow
 from dermgate.queue import backoff, claim, fenced_update, release
@@ -111,27 +111,43 @@ def derived_dir(image: ImageRef) -> str:
     return f"derived/{image.study_instance_uid}/{image.sop_instance_uid}"
 
 
-def render(store: ObjectStore, item: Loaded, prediction: Prediction) -> Outputs:
-    """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, written and read back.
+def render(store: ObjectStore, item: Loaded, prediction: Prediction) -> tuple[Outputs, tuple[Any, ...]]:
+    """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, encoded once and written.
 
     Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
+    The files are in place but not yet fsynced: the worker fsyncs those of the whole batch
+    at once (the second element) before it commits any of them.
     """
     from integration.dicom_scp.outputs import write_outputs
-    written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb)
-    return written.to_record(store.root)
+    written = write_outputs(item.dataset, prediction, store.path(derived_dir(item.image)), image_rgb=item.rgb,
+                            sync=False)
+    return written.to_record(store.root), written.pending
 
 
 # ---- the worker: composes the stages under a lease ---------------------------------------------
 
+@dataclass
+class _Rendered:
+    job: Job
+    inst: Instance
+    item: Loaded
+    outputs: Outputs
+    plans: list[tuple[str, dict[str, Any]]]
+    pending: tuple[Any, ...]
+
+
 class Worker:
-    """Claims jobs, runs stages 1-4, and commits each stage's result fenced on its lease."""
+    """Claims a batch of jobs and runs stages 1-4 on all of them together: one model batch, one
+    transaction and one audit write per stage, one round of fsyncs for every file written;
+    each write is fenced on the job's lease."""
 
     def __init__(self, sessions: sessionmaker, store: ObjectStore, classifier: Classifier, audit: AuditSink,
                  planners: list[Planner], cfg: WorkerSettings, owner: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_planned: Callable[[], None] | None = None) -> None:
         self.sessions, self.store, self.classifier, self.audit = sessions, store, classifier, audit
         self.planners, self.cfg, self.clock = planners, cfg, clock
         self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        self.on_planned = on_planned            # outbox rows committed: wake the dispatcher
 
     def run_once(self) -> int:
         """Claim a batch and take each job as far as it goes; returns how many jobs were claimed."""
@@ -140,8 +156,8 @@ class Worker:
             rows = [(j, s.get(Instance, j.instance_id)) for j in jobs]
         if not rows:
             return 0
+        t0 = self.clock()
         to_classify: list[Loaded] = []
-        ready: list[tuple[Loaded, Prediction]] = []
         for job, inst in rows:
             try:
                 loaded = load(self.store, inst, job)
@@ -152,72 +168,95 @@ class Worker:
             # model is deterministic and the Grad-CAM map is derivable, so nothing but the
             # result row is kept between the stages.
             to_classify.append(loaded)
-        if to_classify:
-            ready.extend(self._classify(to_classify, {j.id: j for j, _ in rows}, {j.id: i for j, i in rows}))
+        metrics.STAGE_SECONDS.labels("load").observe(self.clock() - t0)
+        if not to_classify:
+            return len(rows)
         jobs_by_id = {j.id: (j, i) for j, i in rows}
-        for loaded, prediction in ready:
-            job, inst = jobs_by_id[loaded.job_id]
-            self._render_and_plan(job, inst, loaded, prediction)
+        ready = self._classify(to_classify, jobs_by_id)
+        rendered = [r for r in (self._render_and_plan(*jobs_by_id[item.job_id], item, pred) for item, pred in ready)
+                    if r is not None]
+        if rendered:
+            self._commit_rendered(rendered)
         return len(rows)
 
-    def _classify(self, batch: list[Loaded], jobs: Mapping[int, Job], insts: Mapping[int, Instance]) -> list[tuple[Loaded, Prediction]]:
+    def _classify(self, batch: list[Loaded],
+                  jobs: Mapping[int, tuple[Job, Instance]]) -> list[tuple[Loaded, Prediction]]:
         t0 = self.clock()
         try:
             predictions = classify(batch, self.classifier)
         except Exception as exc:  # noqa: BLE001 - retry each job individually with back-off
             for item in batch:
-                self._fail(jobs[item.job_id], insts[item.job_id], f"classification failed: {exc}")
+                self._fail(*jobs[item.job_id], f"classification failed: {exc}")
             return []
         metrics.STAGE_SECONDS.labels("classify").observe(self.clock() - t0)
-        done = []
-        for item, pred in zip(batch, predictions):
-            with self.sessions.begin() as s:
-                ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json())
-            if not ok:
-                log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
-                continue
-            if jobs[item.job_id].state is not JobState.RECEIVED:   # resumed: already audited
-                done.append((item, pred))
-                continue
-            self.audit.record(AuditEvent(
+        done: list[tuple[Loaded, Prediction]] = []
+        with self.sessions.begin() as s:           # one transaction for the batch's results
+            for item, pred in zip(batch, predictions):
+                if fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json()):
+                    done.append((item, pred))
+                else:
+                    log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
+        fresh = [(item, pred) for item, pred in done if jobs[item.job_id][0].state is JobState.RECEIVED]
+        if fresh:                                  # resumed jobs were audited when first classified
+            record_all(self.audit, [AuditEvent(
                 event=EventType.CLASSIFIED, outcome=Outcome.SUCCESS, actor="dermgate", action="C",
                 patient_id=item.image.patient_id, study_uid=item.image.study_instance_uid,
                 sop_instance_uids=(item.image.sop_instance_uid,),
                 detail={"top_class": pred.top_class, "risk": pred.risk.value, "model": pred.model.version,
                         "malignancy_probability": round(pred.malignancy_probability, 4),
-                        "correlation_id": item.correlation_id}))
+                        "correlation_id": item.correlation_id}) for item, pred in fresh])
+        for item, pred in done:
             log.info("classified", correlation_id=item.correlation_id, top_class=pred.top_class,
                      risk=pred.risk.value)
-            done.append((item, pred))
         return done
 
-    def _render_and_plan(self, job: Job, inst: Instance, item: Loaded, prediction: Prediction) -> None:
+    def _render_and_plan(self, job: Job, inst: Instance, item: Loaded, prediction: Prediction) -> _Rendered | None:
         t0 = self.clock()
+        pending: tuple[Any, ...] = ()
         try:
-            outputs = render(self.store, item, prediction)
+            outputs, pending = render(self.store, item, prediction)
+            t1 = self.clock()
             plans = [(p.channel, p.plan(item.image, prediction, outputs, self.store)) for p in self.planners]
         except Exception as exc:  # noqa: BLE001
+            for d in pending:
+                d.close()
             self._fail(job, inst, f"rendering failed: {exc}")
-            return
-        metrics.STAGE_SECONDS.labels("render").observe(self.clock() - t0)
-        plans = [(c, p) for c, p in plans if p is not None]
-        now = utcnow()
+            return None
+        metrics.STAGE_SECONDS.labels("render").observe(t1 - t0)
+        metrics.STAGE_SECONDS.labels("plan").observe(self.clock() - t1)
+        return _Rendered(job, inst, item, outputs, [(c, p) for c, p in plans if p is not None], pending)
+
+    def _commit_rendered(self, batch: list[_Rendered]) -> None:
+        """Every output file of the batch durable (one round of fsyncs), then result, outputs and
+        outbox rows of every job in one transaction (transactional outbox)."""
+        from dermgate.durable import sync_all
+        t0 = self.clock()
         try:
-            with self.sessions.begin() as s:
-                state = JobState.RENDERED if plans else JobState.DELIVERED
-                # Result, outputs and the outbox rows commit together (transactional outbox).
-                if not fenced_update(s, Job, job.id, self.owner, state=state, outputs=outputs.__dict__,
+            sync_all(d for r in batch for d in r.pending)
+        except OSError as exc:
+            for r in batch:
+                self._fail(r.job, r.inst, f"rendering failed: outputs not durable: {exc}")
+            return
+        now = utcnow()
+        committed: list[_Rendered] = []
+        with self.sessions.begin() as s:
+            for r in batch:
+                state = JobState.RENDERED if r.plans else JobState.DELIVERED
+                if not fenced_update(s, Job, r.job.id, self.owner, state=state, outputs=r.outputs.__dict__,
                                      lease_owner=None, lease_expires_at=None, last_error=None,
                                      completed_at=now if state == JobState.DELIVERED else None):
-                    raise _LeaseLost
-                for channel, payload in plans:
-                    s.add(OutboxItem(job_id=job.id, channel=channel, kind="report",
-                                     business_key=f"{item.image.sop_instance_uid}:report", payload=payload))
-        except _LeaseLost:
-            log.warning("lease_lost", stage="render", correlation_id=item.correlation_id)
-            return
-        metrics.JOB_LATENCY.observe((now - inst.received_at).total_seconds())
-        log.info("rendered", correlation_id=item.correlation_id, deliveries=len(plans))
+                    log.warning("lease_lost", stage="render", correlation_id=r.item.correlation_id)
+                    continue
+                for channel, payload in r.plans:
+                    s.add(OutboxItem(job_id=r.job.id, channel=channel, kind="report",
+                                     business_key=f"{r.item.image.sop_instance_uid}:report", payload=payload))
+                committed.append(r)
+        metrics.STAGE_SECONDS.labels("commit").observe(self.clock() - t0)
+        if committed and self.on_planned is not None:
+            self.on_planned()
+        for r in committed:
+            metrics.JOB_LATENCY.observe((now - r.inst.received_at).total_seconds())
+            log.info("rendered", correlation_id=r.item.correlation_id, deliveries=len(r.plans))
 
     def _fail(self, job: Job, inst: Instance, reason: str, permanent: bool = False) -> None:
         attempts = job.attempts + 1
@@ -274,6 +313,10 @@ class Dispatcher:
         now = utcnow()
         with self.sessions.begin() as s:
             if outcome.ok:
+                if item.job_id is not None:
+                    # The job's rows are delivered side by side (one dispatcher per channel, many
+                    # processes): lock the job first, so whichever commits last sees every row sent.
+                    s.execute(select(Job.id).where(Job.id == item.job_id).with_for_update())
                 fenced_update(s, OutboxItem, item.id, self.owner, state=OutboxState.SENT, sent_at=now,
                               remote_ref=outcome.remote_ref, attempts=item.attempts + 1, last_error=None,
                               lease_owner=None, lease_expires_at=None)
@@ -305,16 +348,19 @@ class Dispatcher:
             return release(s, OutboxItem, self.owner)
 
 
-def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float) -> None:
-    """Call ``step`` until ``stop`` is set, sleeping ``idle_s`` when it found no work."""
+def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float,
+             wake: threading.Event | None = None) -> None:
+    """Call ``step`` until ``stop`` is set; when it found no work, wait ``idle_s`` or until ``wake`` is set."""
     while not stop.is_set():
+        if wake is not None:
+            wake.clear()                 # before the step: a notification during it is not lost
         try:
             busy = step()
         except Exception:  # noqa: BLE001 - the loop must survive a database blip
             log.exception("loop_error")
             busy = 0
         if not busy:
-            stop.wait(idle_s)
+            (wake or stop).wait(idle_s)
 
 
 def queue_depth(sessions: sessionmaker) -> dict[str, int]:

@@ -17,9 +17,11 @@ Errors::
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
@@ -35,7 +37,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
 import dermgate
-from dermgate.durable import write_atomic
+from dermgate.durable import Deferred, sync_all, write_deferred
 from dermgate.records import Outputs
 from inference.result import CLASSES, DISCLAIMER, Prediction, Risk
 from integration.dicom_scp import uids
@@ -68,6 +70,7 @@ _REQUIRED_SOURCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "dermgate.integration.dicom_scp.outputs")
 _UID_SEPARATOR = "\x1f"
 _LOSSY_TRANSFER_SYNTAXES = (uids.JPEG_BASELINE, uids.JPEG_EXTENDED, uids.JPEG_2000)
+_VERIFIED_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _RISK_CODES = {Risk.LOW: uids.LOW_RISK, Risk.MEDIUM: uids.MODERATE_RISK, Risk.HIGH: uids.HIGH_RISK,
                Risk.NOT_ASSESSABLE: uids.NOT_ASSESSABLE}
 
@@ -86,21 +89,35 @@ class OutputVerificationError(OutputError):
 
 @dataclass(frozen=True)
 class WrittenOutputs:
-    """The files written for one image, and the datasets as read back from them."""
-    sc: Dataset
-    sr: Dataset
+    """The files written for one image.
+
+    ``pending`` holds what ``write_outputs(..., sync=False)`` left for the caller to
+    fsync (:func:`dermgate.durable.sync_all`), to batch it with other images; empty
+    when the files are already durable. ``sc`` and ``sr`` read the files back.
+    """
     sc_path: Path
     sr_path: Path
     png_path: Path
     png: bytes
+    sc_sop_instance_uid: str
+    sr_sop_instance_uid: str
+    pending: tuple[Deferred, ...] = ()
+
+    @cached_property
+    def sc(self) -> Dataset:
+        return dcmread(self.sc_path)
+
+    @cached_property
+    def sr(self) -> Dataset:
+        return dcmread(self.sr_path)
 
     def to_record(self, store_root: Path) -> Outputs:
         """The core's record, with paths relative to the store root."""
         return Outputs(
             sc_path=str(self.sc_path.relative_to(store_root)),
-            sc_sop_instance_uid=str(self.sc.SOPInstanceUID),
+            sc_sop_instance_uid=self.sc_sop_instance_uid,
             sr_path=str(self.sr_path.relative_to(store_root)),
-            sr_sop_instance_uid=str(self.sr.SOPInstanceUID),
+            sr_sop_instance_uid=self.sr_sop_instance_uid,
             cam_png_path=str(self.png_path.relative_to(store_root)),
         )
 
@@ -122,23 +139,37 @@ def write_outputs(
     *,
     image_rgb: npt.NDArray[np.uint8] | None = None,
     now: datetime | None = None,
+    sync: bool = True,
 ) -> WrittenOutputs:
-    """Render, build, write and read back the SC, the SR and the heatmap PNG for one image.
+    """Render, build, encode, write and verify the SC, the SR and the heatmap PNG for one image.
 
     ``out_dir`` is this image's own folder. ``image_rgb`` is the decoded source
-    (RGB); when omitted, the source's pixel data is decoded here.
+    (RGB); when omitted, the source's pixel data is decoded here. Each object is
+    encoded once; what is on disk is then compared byte for byte with it. With
+    ``sync=False`` the files are in place but not yet fsynced: the caller syncs
+    ``pending`` (several images at once) before it records them anywhere.
     """
     _check_source(source)
     now = now or datetime.now(timezone.utc)
     rgb = image_rgb if image_rgb is not None else _decode_rgb(source)
     rendered = render_heatmap(rgb, prediction)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sc = write_verified(build_secondary_capture(source, rendered, prediction, now=now), out_dir / SC_FILE)
-    sr = write_verified(build_ai_sr(source, prediction, sc, now=now), out_dir / SR_FILE)
+    sc = build_secondary_capture(source, rendered, prediction, now=now)
+    sr = build_ai_sr(source, prediction, sc, now=now)
     png = encode_png(rendered)
-    write_atomic(out_dir / PNG_FILE, png)
-    return WrittenOutputs(sc=sc, sr=sr, sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE,
-                          png_path=out_dir / PNG_FILE, png=png)
+    pending: list[Deferred] = []
+    try:
+        for ds, name in ((sc, SC_FILE), (sr, SR_FILE)):
+            pending.append(write_verified(ds, out_dir / name, sync=False))
+        pending.append(write_deferred(out_dir / PNG_FILE, png))
+        if sync:
+            sync_all(pending)
+    except BaseException:
+        for d in pending:
+            d.close()
+        raise
+    return WrittenOutputs(sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE, png_path=out_dir / PNG_FILE,
+                          png=png, sc_sop_instance_uid=str(sc.SOPInstanceUID),
+                          sr_sop_instance_uid=str(sr.SOPInstanceUID), pending=() if sync else tuple(pending))
 
 
 def build_secondary_capture(
@@ -214,12 +245,22 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
         imaging_measurements=_measurement_groups(source, prediction),
         title=uids.IMAGING_MEASUREMENT_REPORT,
     )
-    report[0].ContentSequence.append(_qualitative_evaluations(prediction))
+    root = report[0]
+    root.ContentSequence.append(_qualitative_evaluations(prediction))
+    # highdicom deep-copies and re-parses the content tree it is given and searches it for
+    # references (most of the cost of an SR, ~10x the rest): it gets the root container
+    # without its items, which then go in as built. The tree only references the source
+    # image, which is evidence, so what highdicom checks there holds by construction.
+    shell = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = []
     # The SC is evidence, not a source: it lists in the Current Requested Procedure
     # Evidence Sequence as an instance created for this procedure (PS3.3 C.17.2.3).
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, sc],
-        content=report[0],
+        content=shell,
         series_instance_uid=derived_uid(source.SeriesInstanceUID, device_uid, "sr-series"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(source.SOPInstanceUID, device_uid, "sr"),
@@ -230,24 +271,42 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
         is_verified=False,                # VerificationFlag UNVERIFIED
         series_description=f"AI result ({model.name})",
     )
+    sr.ContentSequence = root.ContentSequence
     _fill_common(sr, source, prediction, now)
     sr.ContentDate = DA(now.strftime("%Y%m%d"))
     sr.ContentTime = TM(now.strftime("%H%M%S"))
     return sr
 
 
-def write_verified(ds: Dataset, path: Path) -> Dataset:
-    """Write ``ds`` atomically as a DICOM file and return what reads back from it."""
+def encode(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file, checked by parsing its identifying attributes back."""
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    write_atomic(path, buf.getvalue())
-    back = dcmread(path)
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+    data = buf.getvalue()
+    back = dcmread(BytesIO(data), specific_tags=list(_VERIFIED_KEYWORDS))
+    for keyword in _VERIFIED_KEYWORDS:
         if back.get(keyword) != ds.get(keyword):
-            raise OutputVerificationError(f"{path.name}: {keyword} did not read back as written")
-    if "PixelData" in ds and len(back.PixelData) != len(ds.PixelData):
-        raise OutputVerificationError(f"{path.name}: pixel data did not read back as written")
-    return back
+            raise OutputVerificationError(f"{keyword} did not encode as built")
+    return data
+
+
+def write_verified(ds: Dataset, path: Path, *, sync: bool = True) -> Deferred:
+    """Write ``ds`` atomically as a DICOM file; what is on disk must be, byte for byte, what was encoded.
+
+    Durable on return with ``sync`` (the default); otherwise the caller syncs the returned
+    :class:`~dermgate.durable.Deferred` (and closes it) before relying on the file.
+    """
+    data = encode(ds)
+    written = write_deferred(path, data)
+    try:
+        if os.pread(written.fd, len(data) + 1, 0) != data:
+            raise OutputVerificationError(f"{path.name}: the file did not read back as written")
+        if sync:
+            sync_all([written])
+    except BaseException:
+        written.close()
+        raise
+    return written
 
 
 # --- the shared helper: modules every output copies or fills -------------------

@@ -202,6 +202,63 @@ def test_rerun_writes_the_same_instances_and_a_new_model_new_ones(source: Datase
     assert len({written.sc.SOPInstanceUID, written.sr.SOPInstanceUID, source.SOPInstanceUID}) == 3
 
 
+def _sr_the_long_way(source: Dataset, prediction, sc: Dataset) -> Dataset:  # noqa: ANN001
+    """build_ai_sr as written before it handed highdicom an empty root container: the whole tree."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from integration.dicom_scp import outputs as o
+    model = prediction.model
+    observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer, model_name=model.name)))
+    report = hd.sr.MeasurementReport(observation_context=observer,
+                                     procedure_reported=uids.DERMOSCOPIC_PHOTOGRAPHY_PROCEDURE,
+                                     imaging_measurements=o._measurement_groups(source, prediction),
+                                     title=uids.IMAGING_MEASUREMENT_REPORT)
+    report[0].ContentSequence.append(o._qualitative_evaluations(prediction))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source, sc], content=report[0],
+        series_instance_uid=o.derived_uid(source.SeriesInstanceUID, model.device_uid, "sr-series"),
+        series_number=o.SR_SERIES_NUMBER, sop_instance_uid=o.derived_uid(source.SOPInstanceUID, model.device_uid, "sr"),
+        instance_number=int(source.get("InstanceNumber") or 1), manufacturer=o.EQUIPMENT_MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False, series_description=f"AI result ({model.name})")
+    o._fill_common(sr, source, prediction, NOW)
+    sr.ContentDate = NOW.strftime("%Y%m%d")
+    sr.ContentTime = NOW.strftime("%H%M%S")
+    return sr
+
+
+@pytest.mark.parametrize("kind", ["plain", "low-confidence", "not-assessable"])
+def test_sr_is_byte_for_byte_what_highdicom_makes_of_the_whole_tree(source: Dataset, kind: str) -> None:
+    """The fast path (highdicom gets the root container without its items) changes no byte of the SR
+    (but highdicom's own Contribution DateTime, which is its clock)."""
+    from integration.dicom_scp.outputs import build_ai_sr, encode
+    rgb = source.pixel_array
+    prediction = synthetic_prediction(*rgb.shape[:2], low_confidence=kind == "low-confidence",
+                                      assessable=kind != "not-assessable")
+    sc = build_secondary_capture(source, render_heatmap(rgb, prediction), prediction, now=NOW)
+    fast, slow = build_ai_sr(source, prediction, sc, now=NOW), _sr_the_long_way(source, prediction, sc)
+    for sr in (fast, slow):
+        for item in sr.ContributingEquipmentSequence:
+            if item.get("ManufacturerModelName") == "highdicom":
+                item.ContributionDateTime = "20250101"
+    assert encode(fast) == encode(slow)
+
+
+def test_written_files_are_the_encoded_objects_and_can_be_synced_later(source: Dataset, tmp_path: Path) -> None:
+    """With sync=False the files are in place (and what was encoded), their fsyncs left to the caller."""
+    from dermgate.durable import sync_all
+    rgb = source.pixel_array
+    out = write_outputs(source, synthetic_prediction(*rgb.shape[:2]), tmp_path, now=NOW, sync=False)
+    assert len(out.pending) == 3 and all(d.fd >= 0 for d in out.pending)
+    sync_all(out.pending)
+    assert all(d.fd == -1 for d in out.pending)
+    assert out.sc.SOPInstanceUID == out.sc_sop_instance_uid and out.sr.SOPInstanceUID == out.sr_sop_instance_uid
+    assert out.png_path.read_bytes() == out.png
+
+
 def test_source_without_study_uid_is_refused(source: Dataset) -> None:
     """Outputs are never written into an unknown study."""
     broken = source.copy()
