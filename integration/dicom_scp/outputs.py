@@ -17,9 +17,12 @@ Errors::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import threading
 import uuid
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timezone
@@ -30,11 +33,15 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset, dcmread
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DS, TM
 
 import dermgate
 from dermgate.durable import Deferred, sync_all, write_deferred
@@ -154,12 +161,13 @@ def write_outputs(
     rgb = image_rgb if image_rgb is not None else _decode_rgb(source)
     rendered = render_heatmap(rgb, prediction)
     sc = build_secondary_capture(source, rendered, prediction, now=now)
-    sr = build_ai_sr(source, prediction, sc, now=now)
+    sr_bytes = encode_ai_sr(source, prediction, sc, now=now)
+    sr_uid = derived_uid(source.SOPInstanceUID, prediction.model.device_uid, "sr")
     png = encode_png(rendered)
     pending: list[Deferred] = []
     try:
-        for ds, name in ((sc, SC_FILE), (sr, SR_FILE)):
-            pending.append(write_verified(ds, out_dir / name, sync=False))
+        pending.append(write_checked(encode(sc), out_dir / SC_FILE))
+        pending.append(write_checked(sr_bytes, out_dir / SR_FILE))
         pending.append(write_deferred(out_dir / PNG_FILE, png))
         if sync:
             sync_all(pending)
@@ -169,7 +177,7 @@ def write_outputs(
         raise
     return WrittenOutputs(sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE, png_path=out_dir / PNG_FILE,
                           png=png, sc_sop_instance_uid=str(sc.SOPInstanceUID),
-                          sr_sop_instance_uid=str(sr.SOPInstanceUID), pending=() if sync else tuple(pending))
+                          sr_sop_instance_uid=str(sr_uid), pending=() if sync else tuple(pending))
 
 
 def build_secondary_capture(
@@ -229,15 +237,54 @@ def build_secondary_capture(
 
 
 def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: datetime | None = None) -> Dataset:
-    """The AI result as a Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR)."""
+    """The AI result as a Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR).
+
+    Every sequence and item has undefined length (delimited), so each part of the
+    tree encodes the same wherever it stands; :func:`encode_ai_sr` relies on that.
+    """
     _check_source(source)
     now = now or datetime.now(timezone.utc)
+    root = _sr_content(source, prediction)
+    sr = _sr_document(source, prediction, sc, now, root)
+    sr.ContentSequence = root.ContentSequence
+    _undefined_lengths(sr)
+    return sr
+
+
+def encode_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: datetime | None = None) -> bytes:
+    """``encode(build_ai_sr(...))``, byte for byte, at a fraction of the cost.
+
+    The content tree (TID 1500: observer, 8 measurement groups, evaluations) is most of an
+    SR's cost to build and to encode, and for one model it takes a handful of shapes (top
+    class, risk, low confidence, assessable, source SOP class, character set). Each shape
+    is built once with highdicom from the first image that has it, encoded, and the bytes
+    of its per-image values (tracking UIDs, source reference, probabilities, the
+    not-assessable reason) located; an image then costs its document module (highdicom,
+    without the tree) plus those few values spliced in. tests/integration/dicom_scp/
+    test_outputs.py compares the two paths on many predictions.
+    """
+    _check_source(source)
+    now = now or datetime.now(timezone.utc)
+    template = _ContentTemplate.for_image(source, prediction)
+    hd.sr.SourceImageForMeasurementGroup.from_source_image(source)     # highdicom's checks of the source
+    sr = _sr_document(source, prediction, sc, now, template.shell)
+    sr.ContentSequence = []
+    _undefined_lengths(sr)
+    document = encode(sr)
+    empty = _element_bytes(sr["ContentSequence"], [])
+    head, found, tail = document.partition(empty)
+    if not found or empty in tail:
+        raise OutputError("SR document encoding has no single empty content sequence to fill")
+    return head + template.render(source, prediction) + tail
+
+
+def _sr_content(source: Dataset, prediction: Prediction) -> Dataset:
+    """The root CONTAINER of the SR: observation context, measurement groups, qualitative evaluations."""
     model = prediction.model
-    device_uid = model.device_uid
     observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=model.name, manufacturer_name=model.manufacturer, model_name=model.name),
+            uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer, model_name=model.name),
     ))
     report = hd.sr.MeasurementReport(
         observation_context=observer,
@@ -247,9 +294,15 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
     )
     root = report[0]
     root.ContentSequence.append(_qualitative_evaluations(prediction))
+    return root
+
+
+def _sr_document(source: Dataset, prediction: Prediction, sc: Dataset, now: datetime, root: Dataset) -> Dataset:
+    """The SR document around ``root``'s container attributes; its content items are not copied in."""
+    model = prediction.model
     # highdicom deep-copies and re-parses the content tree it is given and searches it for
     # references (most of the cost of an SR, ~10x the rest): it gets the root container
-    # without its items, which then go in as built. The tree only references the source
+    # without its items, which the caller then puts in. The tree only references the source
     # image, which is evidence, so what highdicom checks there holds by construction.
     shell = Dataset()
     for element in root:
@@ -261,9 +314,9 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, sc],
         content=shell,
-        series_instance_uid=derived_uid(source.SeriesInstanceUID, device_uid, "sr-series"),
+        series_instance_uid=derived_uid(source.SeriesInstanceUID, model.device_uid, "sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, device_uid, "sr"),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, model.device_uid, "sr"),
         instance_number=int(source.get("InstanceNumber") or 1),
         manufacturer=EQUIPMENT_MANUFACTURER,
         is_complete=True,                 # CompletionFlag COMPLETE
@@ -271,11 +324,150 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
         is_verified=False,                # VerificationFlag UNVERIFIED
         series_description=f"AI result ({model.name})",
     )
-    sr.ContentSequence = root.ContentSequence
     _fill_common(sr, source, prediction, now)
     sr.ContentDate = DA(now.strftime("%Y%m%d"))
     sr.ContentTime = TM(now.strftime("%H%M%S"))
     return sr
+
+
+def _undefined_lengths(ds: Dataset) -> None:
+    """Every sequence and item of ``ds`` written with undefined length (delimiters), recursively."""
+    for element in ds:
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for item in element.value:
+                item.is_undefined_length_sequence_item = True
+                _undefined_lengths(item)
+
+
+def _element_bytes(element: Any, encodings: list[str]) -> bytes:
+    """One data element encoded on its own (Explicit VR Little Endian): with undefined-length
+    sequences and items, exactly the bytes it has inside any data set."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, element, encodings or [default_encoding])
+    return fp.getvalue()
+
+
+_SENTINEL_SOURCE_UID = "1.2.826.0.1.3680043.10.1099.999999.424242.1"
+_SENTINEL_REASON = "dermgate sentinel: not-assessable reason, replaced per image"
+
+
+class _ContentTemplate:
+    """The encoded content sequence of one SR shape, and where its per-image values sit in it."""
+
+    _cache: dict[tuple[Any, ...], _ContentTemplate] = {}
+    _lock = threading.Lock()
+    MAX_SHAPES = 4096
+
+    @classmethod
+    def key(cls, source: Dataset, prediction: Prediction) -> tuple[Any, ...]:
+        return (prediction.model, prediction.assessable, prediction.top_class if prediction.assessable else None,
+                prediction.risk, prediction.low_confidence, prediction.reason is not None, tuple(prediction.probabilities),
+                str(source.SOPClassUID), str(source.get("SpecificCharacterSet", "")))
+
+    @classmethod
+    def for_image(cls, source: Dataset, prediction: Prediction) -> _ContentTemplate:
+        key = cls.key(source, prediction)
+        with cls._lock:
+            found = cls._cache.get(key)
+        if found is None:
+            found = cls(source, prediction)
+            with cls._lock:
+                if len(cls._cache) >= cls.MAX_SHAPES:
+                    cls._cache.clear()
+                cls._cache[key] = found
+        return found
+
+    def __init__(self, source: Dataset, prediction: Prediction) -> None:
+        self.encodings = convert_encodings(source.get("SpecificCharacterSet"))
+        fake_source = Dataset()
+        for element in source:                           # the header: what the content tree may look at
+            if element.tag < 0x7FE00000 and element.keyword != "SOPInstanceUID":
+                fake_source.add(element)
+        fake_source.SOPInstanceUID = _SENTINEL_SOURCE_UID   # a new element: the source's is shared
+        fake = _sentinel_prediction(prediction)
+        root = _sr_content(fake_source, fake)
+        self.shell = Dataset()
+        for element in root:
+            if element.keyword != "ContentSequence":
+                self.shell.add(element)
+        _undefined_lengths(root)
+        content = root["ContentSequence"]
+        template = _element_bytes(content, self.encodings)
+        wanted = {(tag, str(value)): slot for slot, (tag, value) in _slot_values(fake_source, fake).items()}
+        found: dict[bytes, tuple[str, int, str]] = {}     # element bytes -> (slot, tag, VR)
+        for element in _walk(root):
+            slot = wanted.get((int(element.tag), str(element.value)))
+            if slot is not None:
+                found[_element_bytes(element, self.encodings)] = (slot, int(element.tag), element.VR)
+        cuts: list[tuple[int, int, str, int, str]] = []
+        for blob, (slot, tag, vr) in found.items():
+            start = template.find(blob)
+            while start >= 0:
+                cuts.append((start, start + len(blob), slot, tag, vr))
+                start = template.find(blob, start + len(blob))
+        cuts.sort()
+        if any(a[1] > b[0] for a, b in zip(cuts, cuts[1:])):
+            raise OutputError("SR template: overlapping value slots")
+        missing = set(wanted.values()) - {c[2] for c in cuts}
+        if missing:
+            raise OutputError(f"SR template: values not found in the encoded tree: {sorted(missing)}")
+        self.pieces: list[bytes] = []
+        self.slots: list[tuple[str, int, str]] = []
+        at = 0
+        for start, end, slot, tag, vr in cuts:
+            self.pieces.append(template[at:start])
+            self.slots.append((slot, tag, vr))
+            at = end
+        self.pieces.append(template[at:])
+
+    def render(self, source: Dataset, prediction: Prediction) -> bytes:
+        values = {slot: value for slot, (_, value) in _slot_values(source, prediction).items()}
+        out = [self.pieces[0]]
+        for (slot, tag, vr), piece in zip(self.slots, self.pieces[1:]):
+            out.append(_element_bytes(DataElement(tag, vr, values[slot]), self.encodings))
+            out.append(piece)
+        return b"".join(out)
+
+
+def _sentinel_prediction(p: Prediction) -> Prediction:
+    """``p`` with every number and the reason replaced by values found nowhere else in an SR,
+    keeping what decides the tree's shape (top class, risk, flags)."""
+    top = p.top_class
+    probabilities = {c: (0.6 + 0.0001 * i if c == top else 0.011 + 0.0111 * i)
+                     for i, c in enumerate(p.probabilities)}
+    return dataclasses.replace(p, probabilities=probabilities, malignancy_probability=0.1234567,
+                               uncertainty=0.7654321, reason=_SENTINEL_REASON if p.reason is not None else None,
+                               cam=None)
+
+
+def _slot_values(source: Dataset, p: Prediction) -> dict[str, tuple[int, Any]]:
+    """The per-image values of the content tree, by slot: (tag, value as highdicom sets it)."""
+    device = p.model.device_uid
+    sop = str(source.SOPInstanceUID)
+    values: dict[str, tuple[int, Any]] = {"source": (0x00081155, sop)}          # ReferencedSOPInstanceUID
+    labels = ["summary"] + ([f"class {c}" for c in CLASSES if c in p.probabilities] if p.assessable else [])
+    for label in labels:
+        values[f"tracking {label}"] = (0x0040A124, str(derived_uid(sop, device, "tracking", label)))   # UID
+    if p.assessable:
+        numbers = {"malignancy": _percent(p.malignancy_probability), "uncertainty": round(float(p.uncertainty), 4),
+                   **{f"class {c}": _percent(p.probabilities[c]) for c in CLASSES if c in p.probabilities}}
+        for name, number in numbers.items():
+            values[f"ds {name}"] = (0x0040A30A, DS(number, auto_format=True))        # NumericValue
+            values[f"fd {name}"] = (0x0040A161, number)                            # FloatingPointValue
+    elif p.reason is not None:
+        values["reason"] = (0x0040A160, (p.reason or "unspecified")[:1024])         # TextValue
+    return values
+
+
+def _walk(ds: Dataset) -> Iterable[Any]:
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from _walk(item)
+        else:
+            yield element
 
 
 def encode(ds: Dataset) -> bytes:
@@ -296,13 +488,19 @@ def write_verified(ds: Dataset, path: Path, *, sync: bool = True) -> Deferred:
     Durable on return with ``sync`` (the default); otherwise the caller syncs the returned
     :class:`~dermgate.durable.Deferred` (and closes it) before relying on the file.
     """
-    data = encode(ds)
+    written = write_checked(encode(ds), path)
+    if sync:
+        sync_all([written])
+    return written
+
+
+def write_checked(data: bytes, path: Path) -> Deferred:
+    """Put ``data`` at ``path`` (renamed into place, not yet fsynced) and read it back: it must be
+    byte for byte what was encoded."""
     written = write_deferred(path, data)
     try:
         if os.pread(written.fd, len(data) + 1, 0) != data:
             raise OutputVerificationError(f"{path.name}: the file did not read back as written")
-        if sync:
-            sync_all([written])
     except BaseException:
         written.close()
         raise

@@ -230,21 +230,56 @@ def _sr_the_long_way(source: Dataset, prediction, sc: Dataset) -> Dataset:  # no
     return sr
 
 
-@pytest.mark.parametrize("kind", ["plain", "low-confidence", "not-assessable"])
-def test_sr_is_byte_for_byte_what_highdicom_makes_of_the_whole_tree(source: Dataset, kind: str) -> None:
-    """The fast path (highdicom gets the root container without its items) changes no byte of the SR
-    (but highdicom's own Contribution DateTime, which is its clock)."""
-    from integration.dicom_scp.outputs import build_ai_sr, encode
+@pytest.fixture
+def frozen_highdicom_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """highdicom stamps its own Contribution DateTime with its clock: fixed, so two builds compare."""
+    import datetime as dt
+    import types
+
+    import highdicom.base_content
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> Frozen:  # noqa: ANN102
+            return cls(2025, 3, 4, 12, 30, 15, 123456)
+
+    monkeypatch.setattr(highdicom.base_content, "datetime",
+                        types.SimpleNamespace(datetime=Frozen, date=dt.date, time=dt.time))
+
+
+def _predictions(shape: tuple[int, int]) -> list:  # noqa: ANN401
+    """Predictions of every kind: random probabilities (several top classes), low confidence,
+    not assessable with and without a reason."""
+    import random
+
+    from inference.result import CLASSES, Risk
+    out = [synthetic_prediction(*shape), synthetic_prediction(*shape, low_confidence=True),
+           synthetic_prediction(*shape, assessable=False),
+           dataclasses.replace(synthetic_prediction(*shape, assessable=False), reason=None)]
+    rng = random.Random(15)
+    for _ in range(12):
+        weights = [rng.random() ** 3 for _ in CLASSES]
+        probs = {c: w / sum(weights) for c, w in zip(CLASSES, weights)}
+        out.append(dataclasses.replace(out[0], probabilities=probs, malignancy_probability=rng.random(),
+                                       uncertainty=rng.random(), risk=rng.choice([Risk.LOW, Risk.MEDIUM, Risk.HIGH]),
+                                       low_confidence=rng.random() < 0.3))
+    return out
+
+
+def test_sr_is_byte_for_byte_what_highdicom_makes_of_the_whole_tree(source: Dataset,
+                                                                    frozen_highdicom_clock: None) -> None:
+    """Neither fast path changes a byte of the SR: highdicom given the root container without its
+    items (build_ai_sr), and the per-shape templates with the per-image values spliced in
+    (encode_ai_sr), both against highdicom building and encoding the whole tree."""
+    from integration.dicom_scp.outputs import _undefined_lengths, build_ai_sr, encode, encode_ai_sr
     rgb = source.pixel_array
-    prediction = synthetic_prediction(*rgb.shape[:2], low_confidence=kind == "low-confidence",
-                                      assessable=kind != "not-assessable")
-    sc = build_secondary_capture(source, render_heatmap(rgb, prediction), prediction, now=NOW)
-    fast, slow = build_ai_sr(source, prediction, sc, now=NOW), _sr_the_long_way(source, prediction, sc)
-    for sr in (fast, slow):
-        for item in sr.ContributingEquipmentSequence:
-            if item.get("ManufacturerModelName") == "highdicom":
-                item.ContributionDateTime = "20250101"
-    assert encode(fast) == encode(slow)
+    for prediction in _predictions(rgb.shape[:2]):
+        sc = build_secondary_capture(source, render_heatmap(rgb, prediction), prediction, now=NOW)
+        slow = _sr_the_long_way(source, prediction, sc)
+        _undefined_lengths(slow)
+        reference = encode(slow)
+        assert encode(build_ai_sr(source, prediction, sc, now=NOW)) == reference
+        assert encode_ai_sr(source, prediction, sc, now=NOW) == reference, prediction
 
 
 def test_written_files_are_the_encoded_objects_and_can_be_synced_later(source: Dataset, tmp_path: Path) -> None:
