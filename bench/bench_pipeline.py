@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 from bench.bench_scale import make_files
-from bench.harness import peers, send_paced, serve, service_settings, storescu_send, wait_until
+from bench.harness import (count_pacs_instances, count_reports, peers, process_peak_rss, send_paced, serve,
+                           service_settings,
+                           storescu_send, wait_until)
 from dermgate.settings import Settings, WorkerSettings
 
 
@@ -95,10 +97,12 @@ def main() -> None:
             storescu_send(svc.port, singles[:1])             # warm-up: SMART token, associations
             wait_until(lambda: svc.finished() >= 1, 120, "the warm-up image")
             before, split0 = svc.finished(), stage_split(svc.metrics())
+            cpu0 = svc.cpu_seconds()
             t0 = time.monotonic()
             storescu_send(svc.port, files)
             wait_until(lambda: svc.finished() >= before + len(files), 1800, "the throughput run")
             total = time.monotonic() - t0
+            cpu = svc.cpu_seconds() - cpu0
             split1 = stage_split(svc.metrics())
             idle: list[float] = []
             for f in singles[1:]:     # one image at a time, each waiting for its report: no queueing
@@ -115,8 +119,9 @@ def main() -> None:
                 wait_until(lambda: len(svc.report_latencies(since)) >= len(steady), 1800, "the steady run")
                 steady_lat = sorted(svc.report_latencies(since).values())
             failed = svc.failed()
-        reports = p.fhir.search("DiagnosticReport", _count="1000")
-        in_pacs = len(p.orthanc.get("/instances"))
+            peak_rss = process_peak_rss(svc.proc.pid)
+        reports = count_reports(p.fhir)
+        in_pacs = count_pacs_instances(p.orthanc)
     pipeline_ips = len(files) / total
     idle.sort()
     n_total = 1 + len(files) + len(idle) + len(steady_lat)
@@ -125,6 +130,8 @@ def main() -> None:
     print(f"  engine alone (batch {settings.worker.batch_size}, Grad-CAM): {engine_ips:.2f} images/s")
     print(f"  pipeline: {pipeline_ips:.2f} images/s ({total:.1f} s first C-STORE -> last job delivered)")
     print(f"pipeline / engine: {pipeline_ips / engine_ips:.2f}")
+    print(f"  CPU of the dermgate process in the throughput run: {cpu / len(files) * 1000:.0f} ms per image "
+          f"({len(files) / cpu:.2f} images/s per core, all roles); peak RSS {peak_rss / 2**20:.0f} MiB")
     print(f"  idle, one at a time ({len(idle)}): C-STORE -> FHIR report accepted p50 {pct(idle, 50) * 1000:.0f} ms")
     print(f"idle p95 {pct(idle, 95) * 1000:.0f} ms")
     if steady_lat:
@@ -136,7 +143,7 @@ def main() -> None:
         if count > count0:
             print(f"    {stage:<10} {(secs - secs0) / max(len(files), 1) * 1000:7.1f} ms/image "
                   f"({int(count - count0)} observations)")
-    print(f"  reports on the FHIR server: {len(reports)}, instances in Orthanc: {in_pacs}, failed jobs: {failed} "
+    print(f"  reports on the FHIR server: {reports}, instances in Orthanc: {in_pacs}, failed jobs: {failed} "
           f"(expected {n_total}, {2 * n_total}, 0)")
 
 

@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = (1, args.associations)
     rates: dict[tuple[str, int], float] = {}
     waits: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int], float] = {}     # CPU seconds of this process (the SCP) per image
     audit_desc = ""
     kinds = ["group"] + ([] if args.no_per_image else ["per-image"])
     for kind in kinds:
@@ -269,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                               watch) as (port, audit_desc, engine):
                 send(port, warmup)
                 watch.reset()
+                cpu0 = time.process_time()
                 rates[(kind, assocs)] = len(files) / send(port, files, assocs)
+                cpu[(kind, assocs)] = (time.process_time() - cpu0) / len(files)
                 waits[(kind, assocs)] = watch.per_store_ms()
                 from sqlalchemy import text
                 with engine.connect() as c:
@@ -297,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{labels[key]:<48} {rates[(key, 1)]:>13.1f} {rates[(key, args.associations)]:>13.1f}")
     for kind in kinds:
         print(f"durability wait per C-STORE ({kind}): {waits[(kind, 1)]:.2f} ms with 1 association, "
-              f"{waits[(kind, args.associations)]:.2f} ms with {args.associations}")
+              f"{waits[(kind, args.associations)]:.2f} ms with {args.associations}; SCP CPU "
+              f"{cpu[(kind, 1)] * 1000:.1f} / {cpu[(kind, args.associations)] * 1000:.1f} ms per image "
+              f"({1 / cpu[(kind, args.associations)]:.0f} images/s per core)")
     g1, ga = rates[("group", 1)], rates[("group", args.associations)]
     if ("per-image", 1) in rates:
         print(f"group commit / per-image: {g1 / rates[('per-image', 1)]:.2f} with 1 association, "

@@ -109,6 +109,10 @@ class Served:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the service process so far."""
+        return process_cpu_seconds(self.proc.pid)
+
     def rss_bytes(self) -> int:
         """Resident set size of the service process (VmRSS in /proc/<pid>/status)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -176,6 +180,37 @@ def serve(settings: Settings, roles: str = "scp,worker,dispatcher,api", *,
         out.close()
         if engine is not None:
             engine.dispose()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (/proc/<pid>/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_peak_rss(pid: int) -> int:
+    """The kernel's high-water mark of the process's resident set (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def count_reports(fhir: Any, resource_type: str = "DiagnosticReport") -> int | None:
+    """How many ``resource_type`` the FHIR server holds (Bundle.total, no bodies transferred)."""
+    try:
+        resp = fhir.get(resource_type, params={"_count": "0", "_total": "accurate"})
+        total = resp.json().get("total")
+        return int(total) if total is not None else None
+    except Exception:  # noqa: BLE001 - a count for the closing line only
+        return None
+
+
+def count_pacs_instances(orthanc: Any) -> int | None:
+    try:
+        return int(orthanc.get("/statistics")["CountInstances"])
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:

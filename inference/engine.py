@@ -198,9 +198,13 @@ class Engine:
         so.inter_op_num_threads = inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        chosen = select_providers(providers)
+        if chosen[0] == CPU:
+            # The memory pattern pre-plans one buffer per input shape next to the arena: on the CPU
+            # it nearly doubled the process (batch of 8 with TTA: +330 MB RSS) for ~3% speed.
+            so.enable_mem_pattern = False
         try:
-            self._session = ort.InferenceSession(str(onnx_path), sess_options=so,
-                                                 providers=select_providers(providers))
+            self._session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=chosen)
         except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
             raise ModelLoadError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
         self.io_binding = (self.providers[0] in GPU_PROVIDERS) if io_binding is None else io_binding
