@@ -6,12 +6,13 @@ Made durable one image at a time that is four fsyncs in a row (object, folder,
 database, audit). Here every C-STORE handler thread stages its part and waits
 for the commit that covers it:
 
-    handler thread                       committer thread (one per process)
-    --------------                       ----------------------------------
+    handler thread                       the committing handler (leader)
+    --------------                       -------------------------------
     GroupIntake.accept(bytes)
       write the object, rename it
-      into place, no fsync  ----------> take every staged image queued so far
-      wait                               in parallel: fsync each object and its folder(s)
+      into place, no fsync  ----------> the first handler that finds no commit under way takes
+      wait                               every staged image queued so far (its own included)
+                                         in parallel: fsync each object and its folder(s)
                                                       | one database transaction: every row + job
       <-------------------------------- every image learns its result
     build the audit record
@@ -49,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -66,6 +66,10 @@ log = structlog.get_logger(__name__)
 MAX_GROUP = 256              # images per commit (one transaction, one audit write)
 FSYNC_THREADS = 8            # object and folder fsyncs in flight at once
 GATHER_S = 0.005             # how long an audit commit waits for a straggler of its group
+
+
+_INSERT_INSTANCE = Instance.__table__.insert()
+_INSERT_JOB = Job.__table__.insert()
 
 
 class GroupCommitClosed(StoreError):
@@ -86,6 +90,7 @@ class _Staged:
     error: BaseException | None = None
     existing: bool = False
     done: bool = False
+    wakes_workers: bool = False
 
 
 class GroupCommit:
@@ -101,54 +106,55 @@ class GroupCommit:
         self.audit = GroupAudit(audit, self, gather_s)
         self._cond = threading.Condition()
         self._queue: list[_Staged] = []
+        self._leader = False
         self._closed = False
         self._fsync = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="intake-fsync")
-        self._thread = threading.Thread(target=self._run, name="intake-commit", daemon=True)
-        self._thread.start()
-
-    # --- the handler side -------------------------------------------------------------------------
 
     def submit(self, staged: _Staged) -> None:
+        """Queue ``staged`` and return once a commit covers it. No committer thread: the first
+        handler to find no commit under way commits everything queued (its own image included),
+        the others wait for it; so one association costs no hand-over between threads."""
         with self._cond:
             if self._closed:
                 staged.deferred.close()
                 raise GroupCommitClosed("intake is shut down")
             self._queue.append(staged)
-            self._cond.notify_all()
             while not staged.done:
-                self._cond.wait()
-
-    # --- the committer ----------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
+                if self._leader:
                     self._cond.wait()
-                if not self._queue:
-                    return
+                    continue
+                self._leader = True
                 group, self._queue = self._queue[: self.max_group], self._queue[self.max_group:]
-            try:
-                self._commit(group)
-            except BaseException as exc:         # never leave a handler waiting
-                log.exception("intake_group_commit_failed")
-                for item in group:
-                    if item.result is None and item.error is None:
-                        item.error = exc
-            finally:
-                for item in group:
-                    item.deferred.close()
-                # Every handler of the group owes its audit record before any of them is woken,
-                # so the first to record waits for the others and one fsync covers them all.
-                self.audit.owe([item.thread for item in group])
-                with self._cond:
+                self._cond.release()
+                try:
+                    self._commit_group(group)
+                finally:
+                    self._cond.acquire()
                     for item in group:
                         item.done = True
+                    self._leader = False
                     self._cond.notify_all()
-            if self.on_commit is not None and any(
-                    i.result is not None and i.result.status is IntakeStatus.ACCEPTED and i.error is None
-                    for i in group):
-                self.on_commit()
+        if staged.wakes_workers and self.on_commit is not None:
+            self.on_commit()
+
+    def _commit_group(self, group: list[_Staged]) -> None:
+        try:
+            self._commit(group)
+        except BaseException as exc:             # never leave a handler waiting
+            log.exception("intake_group_commit_failed")
+            for item in group:
+                if item.result is None and item.error is None:
+                    item.error = exc
+        finally:
+            for item in group:
+                item.deferred.close()
+            # Every handler of the group owes its audit record before any of them goes on, so
+            # the first to record waits for the others and one fsync covers them all.
+            self.audit.owe([item.thread for item in group])
+            accepted = [i for i in group if i.error is None and i.result is not None
+                        and i.result.status is IntakeStatus.ACCEPTED]
+            if accepted:                         # one wake-up of the workers per commit
+                accepted[0].wakes_workers = True
 
     def _commit(self, group: list[_Staged]) -> None:
         t0 = time.perf_counter()
@@ -182,28 +188,44 @@ class GroupCommit:
         metrics.INTAKE_COMMIT_SECONDS.observe(time.perf_counter() - t0)
 
     def _insert(self, group: list[_Staged]) -> None:
-        """Every row and job of the group in one transaction; a known SOP Instance UID rolls back
-        only its own savepoint and is looked up after the commit (duplicate or conflict)."""
-        with self.sessions.begin() as s:
+        """Every row and job of the group in one transaction. A SOP Instance UID already known (a
+        resend: rare) makes the transaction start over with one savepoint per image, so that only
+        its own insert is undone; it is looked up after the commit (duplicate or conflict)."""
+        engine = self.sessions.kw["bind"]        # Core connection: the ORM session adds nothing here
+        try:
+            with engine.begin() as conn:
+                for item in group:
+                    self._insert_one(conn, item)
+        except IntegrityError:
             for item in group:
-                try:
-                    with s.begin_nested():
-                        inst_id = s.execute(insert(Instance).values(
-                            **item.image.to_json(), transfer_syntax_uid=item.transfer_syntax_uid,
-                            sha256=item.digest, size=item.size, path=item.rel)).inserted_primary_key[0]
-                        job_id = s.execute(insert(Job).values(
-                            instance_id=inst_id, state=JobState.RECEIVED,
-                            correlation_id=item.correlation_id)).inserted_primary_key[0]
-                    item.result = IntakeResult(IntakeStatus.ACCEPTED, int(job_id), item.correlation_id, item.digest)
-                except IntegrityError:
-                    item.existing = True
+                item.result, item.existing = None, False
+            with engine.begin() as conn:
+                for item in group:
+                    try:
+                        with conn.begin_nested():
+                            self._insert_one(conn, item)
+                    except IntegrityError:
+                        item.result, item.existing = None, True
+
+    @staticmethod
+    def _insert_one(conn: Any, item: _Staged) -> None:
+        # Core statements built once and given parameters: no ORM unit of work, no per-image
+        # statement construction (both were most of the intake's CPU).
+        inst_id = conn.execute(_INSERT_INSTANCE, {
+            **item.image.to_json(), "transfer_syntax_uid": item.transfer_syntax_uid, "sha256": item.digest,
+            "size": item.size, "path": item.rel}).inserted_primary_key[0]
+        job_id = conn.execute(_INSERT_JOB, {"instance_id": inst_id, "state": JobState.RECEIVED,
+                                            "correlation_id": item.correlation_id}).inserted_primary_key[0]
+        item.result = IntakeResult(IntakeStatus.ACCEPTED, int(job_id), item.correlation_id, item.digest)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Commit what is queued, then stop (the SCP has stopped taking associations)."""
+        """Refuse new images and wait (up to ``timeout``) for the commit under way (the SCP has
+        stopped taking associations)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
+            while (self._leader or self._queue) and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
         self._fsync.shutdown(wait=True)
 
 

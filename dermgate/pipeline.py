@@ -23,6 +23,7 @@ import hashlib
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -148,6 +149,7 @@ class Worker:
         self.planners, self.cfg, self.clock = planners, cfg, clock
         self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
         self.on_planned = on_planned            # outbox rows committed: wake the dispatcher
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.owner}-record")
 
     def run_once(self) -> int:
         """Claim a batch and take each job as far as it goes; returns how many jobs were claimed."""
@@ -173,8 +175,25 @@ class Worker:
             return len(rows)
         jobs_by_id = {j.id: (j, i) for j, i in rows}
         ready = self._classify(to_classify, jobs_by_id)
-        rendered = [r for r in (self._render_and_plan(*jobs_by_id[item.job_id], item, pred) for item, pred in ready)
-                    if r is not None]
+        if not ready:
+            return len(rows)
+        # The results are committed and audited (two waits for the disk) while the outputs render.
+        recording = self._recorder.submit(self._record_classified, ready, jobs_by_id)
+        rendered: list[_Rendered] = []
+        try:
+            rendered = [r for r in (self._render_and_plan(*jobs_by_id[item.job_id], item, pred)
+                                    for item, pred in ready) if r is not None]
+            kept = recording.result()
+        except BaseException:
+            for r in rendered:
+                for d in r.pending:
+                    d.close()
+            raise
+        lost = [r for r in rendered if r.job.id not in kept]
+        for r in lost:                      # another worker owns the job now: its outputs are its own
+            for d in r.pending:
+                d.close()
+        rendered = [r for r in rendered if r.job.id in kept]
         if rendered:
             self._commit_rendered(rendered)
         return len(rows)
@@ -189,9 +208,15 @@ class Worker:
                 self._fail(*jobs[item.job_id], f"classification failed: {exc}")
             return []
         metrics.STAGE_SECONDS.labels("classify").observe(self.clock() - t0)
+        return list(zip(batch, predictions))
+
+    def _record_classified(self, batch: list[tuple[Loaded, Prediction]],
+                           jobs: Mapping[int, tuple[Job, Instance]]) -> set[int]:
+        """CLASSIFIED with its result for the batch in one transaction, then one audit write for those
+        classified for the first time; returns the ids of the jobs whose lease held."""
         done: list[tuple[Loaded, Prediction]] = []
         with self.sessions.begin() as s:           # one transaction for the batch's results
-            for item, pred in zip(batch, predictions):
+            for item, pred in batch:
                 if fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json()):
                     done.append((item, pred))
                 else:
@@ -208,7 +233,7 @@ class Worker:
         for item, pred in done:
             log.info("classified", correlation_id=item.correlation_id, top_class=pred.top_class,
                      risk=pred.risk.value)
-        return done
+        return {item.job_id for item, _ in done}
 
     def _render_and_plan(self, job: Job, inst: Instance, item: Loaded, prediction: Prediction) -> _Rendered | None:
         t0 = self.clock()
