@@ -296,9 +296,9 @@ def end_to_end(workers: int, n_images: int, worker_batch: int, allow_cpu: bool) 
     db.dispose()
     if pg is not None:
         pg.stop()
-    providers = sorted({line.split("providers=")[1].split("]")[0] + "]"
-                        for f in root.glob("serve-*.log") for line in f.read_text(errors="replace").splitlines()
-                        if "inference.engine_loaded" in line and "providers=" in line})
+    providers = sorted({",".join(json.loads(line).get("providers", []))
+                        for line in (work / "logs" / "dermgate.log").read_text(errors="replace").splitlines()
+                        if line.startswith("{") and '"inference.engine_loaded"' in line})
     reports = len(list((work / "reports").glob("*.json")))
     exactly_once = jobs == delivered == sent_once == reports == n_images
     return {"workers": workers, "images": n_images, "worker_batch": worker_batch, "database": db_url.split(":")[0],

@@ -48,7 +48,8 @@ class Runtime:
         from inference.engine import Engine
         m = self.settings.model
         threads = m.threads or max(1, (os.cpu_count() or 2))
-        engine = Engine(m.path, intra_op_threads=threads)
+        # one model run per worker batch (batches across jobs: worker.batch_size; larger on a GPU)
+        engine = Engine(m.path, intra_op_threads=threads, batch_size=max(32, self.settings.worker.batch_size))
         for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
             metrics.EXECUTION_PROVIDER.labels(provider).set(1 if engine.providers[0] == provider else 0)
         return TimedClassifier(engine)
