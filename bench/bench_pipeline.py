@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=20, help="images sent one at a time (idle latency)")
     ap.add_argument("--steady-rate", type=float, default=10.0, help="images/s of the steady run (0: skip)")
     ap.add_argument("--steady-seconds", type=float, default=10.0)
+    ap.add_argument("--worker-threads", type=int, default=None,
+                    help="dermgate serve --workers (default: the service's default)")
     ap.add_argument("--poll-interval", type=float, default=None,
                     help="worker.poll_interval_s (default: the service's default)")
     args = ap.parse_args()
@@ -93,7 +95,7 @@ def main() -> None:
     with peers(root) as p:
         settings = service_settings(root / "work", p, worker=worker)
         engine_ips, providers = engine_rate(settings, files)
-        with serve(settings, "scp,worker,dispatcher,api") as svc:
+        with serve(settings, "scp,worker,dispatcher,api", workers=args.worker_threads) as svc:
             storescu_send(svc.port, singles[:1])             # warm-up: SMART token, associations
             wait_until(lambda: svc.finished() >= 1, 120, "the warm-up image")
             before, split0 = svc.finished(), stage_split(svc.metrics())
@@ -118,6 +120,7 @@ def main() -> None:
                 send_paced(svc.port, steady, args.steady_rate)
                 wait_until(lambda: len(svc.report_latencies(since)) >= len(steady), 1800, "the steady run")
                 steady_lat = sorted(svc.report_latencies(since).values())
+            wait_until(lambda: svc.finished() >= svc.last_job_id(), 600, "the last PACS deliveries")
             failed = svc.failed()
             peak_rss = process_peak_rss(svc.proc.pid)
         reports = count_reports(p.fhir)

@@ -146,13 +146,14 @@ class Served:
 
 @contextmanager
 def serve(settings: Settings, roles: str = "scp,worker,dispatcher,api", *,
-          log: Path | None = None) -> Iterator[Served]:
+          log: Path | None = None, workers: int | None = None) -> Iterator[Served]:
     """`dermgate serve --roles ROLES` in its own process; SIGTERM (graceful) on exit."""
     api_port = free_port()
     settings.workdir.mkdir(parents=True, exist_ok=True)
     env = service_env(settings, api_port)
     out = open(log or settings.workdir / "serve.out", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dermgate.cli", "serve", "--roles", roles], env=env,
+    extra = ["--workers", str(workers)] if workers else []
+    proc = subprocess.Popen([sys.executable, "-m", "dermgate.cli", "serve", "--roles", roles, *extra], env=env,
                             stdout=out, stderr=subprocess.STDOUT)
     engine = None
     try:
