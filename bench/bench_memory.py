@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -105,6 +106,7 @@ def main() -> None:
                 print(f"  soak round {r + 1}/{len(rounds)}: {len(chunk) * (r + 1)} images, "
                       f"RSS {soak_rss[-1] / MB:.0f} MiB", flush=True)
             failed = svc.failed()
+    shutil.rmtree(root, ignore_errors=True)      # the PACS and the store hold ~1 MB per image
     print(f"\none `dermgate serve` (scp, worker, dispatcher, api; SQLite; FHIR"
           f"{'' if args.no_pacs else ' + Orthanc'}), RSS of that process (/proc/<pid>/status)")
     print(f"  ready (model loaded): {ready / MB:.0f} MiB")

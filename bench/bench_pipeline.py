@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -125,6 +126,7 @@ def main() -> None:
             peak_rss = process_peak_rss(svc.proc.pid)
         reports = count_reports(p.fhir)
         in_pacs = count_pacs_instances(p.orthanc)
+    shutil.rmtree(root, ignore_errors=True)      # the PACS and the store hold ~1 MB per image
     pipeline_ips = len(files) / total
     idle.sort()
     n_total = 1 + len(files) + len(idle) + len(steady_lat)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
     base = rows[0]["images_per_s"]
     print(f"\n{args.images} images, 2 SCP processes, 4 concurrent storescu associations, PostgreSQL, "
           f"{os.cpu_count()} CPU cores")

@@ -4,7 +4,9 @@ Received objects are content-addressed (``objects/ab/<sha256>.dcm``) so a
 different object under a re-used SOP Instance UID can never overwrite the
 first. Several SCP processes may share the folder: writes go to a unique
 temporary name, are fsynced, then renamed (atomic on POSIX local file systems
-and on NFSv4; the shared volume must offer atomic rename).
+and on NFSv4; the shared volume must offer atomic rename). The SCP's group
+commit uses ``stage_object``: renamed first, fsynced with its folder in the
+commit that then answers Success (dermgate/groupcommit.py).
 """
 
 from __future__ import annotations
