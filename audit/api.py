@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -68,3 +69,11 @@ class AuditSink(Protocol):
     def record(self, event: AuditEvent) -> int:
         """Persist durably (fsync) and return the record's sequence number."""
         ...
+
+
+def record_all(sink: AuditSink, events: Sequence[AuditEvent]) -> list[int]:
+    """Record ``events`` with one durable write when the sink can (``record_many``), else one by one."""
+    many = getattr(sink, "record_many", None)
+    if many is not None:
+        return list(many(events))
+    return [sink.record(e) for e in events]

@@ -263,18 +263,26 @@ class AuditTrail:
 
     def record(self, event: AuditEvent) -> int:
         """Append ``event`` and return its sequence number once it is on disk."""
+        return self.record_many([event])[0]
+
+    def record_many(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Append ``events`` with one write and one fsync; their sequence numbers once on disk.
+
+        They are queued together, so one commit writes them all: every one is
+        durable, or the error is raised and none is acknowledged.
+        """
         if self._closed:
             raise AuditConfigError("audit trail is closed")
         if self._broken is not None:
             raise self._broken
         if self.signer is None:
             raise SigningKeyError("this audit trail was opened read-only (no signing key); it cannot record")
-        if event.time is None:
-            event = replace(event, time=self._clock())
-        pending = _Pending(event, canonical_json(event_to_body(event)))
+        pendings = [_Pending(event, canonical_json(event_to_body(event)))
+                    for event in (e if e.time is not None else replace(e, time=self._clock()) for e in events)]
+        last = pendings[-1] if pendings else None
         with self._cond:
-            self._queue.append(pending)
-            while not pending.done:
+            self._queue.extend(pendings)
+            while last is not None and not last.done:
                 if self._leader:
                     self._cond.wait()
                     continue
@@ -296,11 +304,15 @@ class AuditTrail:
                         item.done = True
                     self._leader = False
                     self._cond.notify_all()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.seq is not None
-        self._notify(pending.seq, pending.event)
-        return pending.seq
+        for pending in pendings:
+            if pending.error is not None:
+                raise pending.error
+        seqs = []
+        for pending in pendings:
+            assert pending.seq is not None
+            self._notify(pending.seq, pending.event)
+            seqs.append(pending.seq)
+        return seqs
 
     def _commit(self, batch: list[_Pending]) -> None:
         with self._flock():

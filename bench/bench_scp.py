@@ -1,14 +1,21 @@
-"""Images per second received by dermgate's SCP from dcmtk's storescu, against dcmtk's storescp.
+"""Images per second received by dermgate's SCP from dcmtk's storescu, against bare receivers.
 
-Both receivers get the same N 600x450 JPEG Baseline files (HAM10000 samples upscaled and
-wrapped by img2dcm) from one ``storescu -xy`` association (TCP_NODELAY=1), in the same run.
-Ours runs with durability: the real Intake (fsynced object + SQLite WAL commit of the row and
-its job) and the real encrypted audit trail when it opens (``--audit none`` for a no-op sink);
-the line printed says which. A bare pynetdicom SCP that only writes files is measured too, as
-the ceiling of the toolkit. The same dermgate SCP is measured a second time with the store
-encrypted at rest (AES-256-GCM per object, the production default) to show what encryption costs.
+Every receiver gets the same N 600x450 JPEG Baseline files (HAM10000 samples upscaled and
+wrapped by img2dcm), in the same run, first over one ``storescu -xy`` association
+(TCP_NODELAY=1), then split over 4 concurrent associations. Ours runs with durability, as
+``dermgate serve`` does: the group-commit intake (dermgate/groupcommit.py: object + folder
+fsyncs alongside one SQLite WAL commit per group, then one audit fsync per group), the real
+encrypted audit trail (``--audit none`` for a no-op sink), JSON logs to a file. The intake
+before group commit (object, folder, database and audit fsynced one after the other for each
+image) is measured in the same run as ``per-image``, and the service's intake again with the
+store encrypted at rest (AES-256-GCM per object, the production default) as ``encrypted``. References: a bare pynetdicom SCP that
+only writes files (the ceiling of the toolkit, no fsync) and dcmtk's storescp (no fsync).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_scp.py --n 300
+    python -m bench.bench_scp [--n 300]
+
+The line ``dermgate / bare pynetdicom: X`` is the one-association ratio; the 4-association
+ratio has its own line. "durability wait" is the time a C-STORE handler spends in the
+intake and the audit record (the latency durability adds to each answer), per image.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +39,9 @@ import cv2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dermgate import logs  # noqa: E402
 from dermgate.db import create_schema, make_engine, make_sessionmaker  # noqa: E402
+from dermgate.groupcommit import GroupCommit  # noqa: E402
 from dermgate.intake import Intake  # noqa: E402
 from dermgate.settings import AllowedCaller, DicomSettings, Settings  # noqa: E402
 from dermgate.store import ObjectStore  # noqa: E402
@@ -44,57 +54,55 @@ SAMPLE_DIRS = (REPO / "dermgate" / "samples", REPO.parent / "shared" / "data" / 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-class PrototypeIntake(Intake):
-    """A proposal for dermgate/intake.py, measured here and used by nothing else.
-
-    The object's write + fsync runs in a thread while the row and its job are inserted
-    with Core statements (no ORM unit of work, no SELECT before the INSERT) and
-    committed: the two fsyncs overlap. Both are done before ``accept`` returns, so
-    Success still follows durability; a crash between the two leaves either an
-    unreferenced object or a row whose object the SCU's resend writes again.
-    """
-
-    def __init__(self, store: ObjectStore, sessions: Any) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-        super().__init__(store, sessions)
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="intake-io")
-
-    def accept(self, encoded: bytes, image: Any, transfer_syntax_uid: str) -> Any:
-        import hashlib
-        import uuid
-
-        from sqlalchemy import insert
-        from sqlalchemy.exc import IntegrityError
-
-        from dermgate.db import Instance, Job, JobState
-        from dermgate.intake import IntakeResult, IntakeStatus
-        if isinstance(encoded, Path):           # the SCP receives into a file (integration/dicom_scp/incoming.py)
-            encoded = encoded.read_bytes()
-        written = self.pool.submit(self.store.put_object, encoded)
-        digest = hashlib.sha256(encoded).hexdigest()
-        rel = f"objects/{digest[:2]}/{digest}.dcm"
-        correlation_id = uuid.uuid4().hex[:16]
-        try:
-            with self.sessions.begin() as s:
-                iid = s.execute(insert(Instance).values(**image.to_json(), transfer_syntax_uid=transfer_syntax_uid,
-                                                        sha256=digest, size=len(encoded), path=rel)
-                                .returning(Instance.id)).scalar_one()
-                job_id = s.execute(insert(Job).values(instance_id=iid, state=JobState.RECEIVED,
-                                                      correlation_id=correlation_id)
-                                   .returning(Job.id)).scalar_one()
-        except IntegrityError:
-            written.result()
-            existing = self._existing(image.sop_instance_uid)
-            if existing is None:
-                raise
-            return existing if existing.sha256 == digest else IntakeResult(IntakeStatus.CONFLICT, None, None, digest)
-        written.result()
-        return IntakeResult(IntakeStatus.ACCEPTED, job_id, correlation_id, digest)
-
-
 class NullAudit:
     def record(self, event: Any) -> int:
         return 0
+
+
+class Stopwatch:
+    """Seconds the SCP's handlers spend making objects durable (intake + audit record)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seconds = 0.0
+        self.stores = 0
+
+    def add(self, seconds: float, store: bool) -> None:
+        with self.lock:
+            self.seconds += seconds
+            self.stores += store
+
+    def reset(self) -> None:
+        with self.lock:
+            self.seconds, self.stores = 0.0, 0
+
+    def per_store_ms(self) -> float:
+        return self.seconds / max(self.stores, 1) * 1000
+
+
+class TimedIntake:
+    def __init__(self, intake: Any, watch: Stopwatch) -> None:
+        self.intake, self.watch = intake, watch
+
+    def accept(self, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.intake.accept(*args)
+        finally:
+            self.watch.add(time.perf_counter() - t0, True)
+
+
+class TimedSink:
+    def __init__(self, sink: Any, watch: Stopwatch) -> None:
+        self.sink, self.watch = sink, watch
+
+    def record(self, event: Any) -> int:
+        t0 = time.perf_counter()
+        try:
+            return int(self.sink.record(event))
+        finally:
+            if event.event.value == "dicom.store":
+                self.watch.add(time.perf_counter() - t0, False)
 
 
 def free_port() -> int:
@@ -128,15 +136,18 @@ def make_files(folder: Path, n: int) -> list[Path]:
     return files
 
 
-def send(port: int, files: list[Path]) -> float:
-    """Seconds for one storescu -xy association carrying ``files``."""
+def send(port: int, files: list[Path], associations: int = 1) -> float:
+    """Seconds for ``associations`` concurrent storescu -xy associations carrying ``files`` between them."""
     t0 = time.perf_counter()
-    res = subprocess.run([STORESCU, "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
-                          *map(str, files)], capture_output=True, text=True, env=ENV)
-    elapsed = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"storescu failed ({res.returncode}): {res.stderr[-2000:]}")
-    return elapsed
+    procs = [subprocess.Popen([STORESCU, "-xy", "-aet", CALLING, "-aec", CALLED, "127.0.0.1", str(port),
+                               *map(str, files[i::associations])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for i in range(associations)]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"storescu failed ({proc.returncode}): {err[-2000:]}")
+    return time.perf_counter() - t0
 
 
 def open_audit(workdir: Path, kind: str) -> tuple[Any, str]:
@@ -144,7 +155,7 @@ def open_audit(workdir: Path, kind: str) -> tuple[Any, str]:
         return NullAudit(), "no-op audit sink"
     try:
         from dermgate.app import open_audit as open_real
-        return open_real(Settings(workdir=workdir)), "real encrypted audit trail (fsync per record)"
+        return open_real(Settings(workdir=workdir)), "real encrypted audit trail"
     except Exception as exc:                    # the trail may be unavailable in a partial checkout
         if kind == "real":
             raise
@@ -152,28 +163,40 @@ def open_audit(workdir: Path, kind: str) -> tuple[Any, str]:
 
 
 @contextmanager
-def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int, intake_cls: type[Intake] = Intake,
-                 encrypted: bool = False) -> Iterator[tuple[int, str, ObjectStore, Any]]:
+def dermgate_scp(workdir: Path, audit_kind: str, max_pdu: int, intake_kind: str,
+                 watch: Stopwatch) -> Iterator[tuple[int, str, Any]]:
+    """The SCP as ``dermgate serve`` wires it (``group``; ``encrypted``: with the store encrypted
+    at rest), or with the intake before group commit (``per-image``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(f"sqlite:///{workdir / 'dermgate.db'}")
     create_schema(engine)
     cipher = None
-    if encrypted:
+    if intake_kind == "encrypted":
         from audit.keys import Keyring
         from dermgate.store import StoreCipher
         cipher = StoreCipher(Keyring.generate())             # a keyring is a KeyProvider
     store = ObjectStore(workdir / "store", cipher)
-    audit, audit_desc = open_audit(workdir, audit_kind)
+    sessions = make_sessionmaker(engine)
+    trail, audit_desc = open_audit(workdir, audit_kind)
+    group = GroupCommit(store, sessions, trail) if intake_kind in ("group", "encrypted") else None
+    intake = group.intake if group else Intake(store, sessions)
+    audit = group.audit if group else trail
     cfg = DicomSettings(ae_title=CALLED, port=0, max_pdu=max_pdu,
                         allowed_callers=[AllowedCaller(ae_title=CALLING, hosts=["127.0.0.1"])])
-    service = DicomService(cfg, intake_cls(store, make_sessionmaker(engine)), audit, store)
+    service = DicomService(cfg, TimedIntake(intake, watch), TimedSink(audit, watch), store)  # type: ignore[arg-type]
     service.start()
     try:
         assert service.port is not None
-        yield service.port, audit_desc, store, engine
+        yield service.port, audit_desc, engine
+        if cipher is not None:
+            sample = next((store.root / "objects").rglob("*.dcm"))
+            if not sample.read_bytes().startswith(b"DGS1"):
+                raise SystemExit("the encrypted run wrote a plaintext object")
     finally:
         service.stop(timeout=10)
-        getattr(audit, "close", lambda: None)()
+        if group is not None:
+            group.close()
+        getattr(trail, "close", lambda: None)()
         engine.dispose()
 
 
@@ -232,56 +255,79 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temporary folder")
     ap.add_argument("--audit", choices=["auto", "real", "none"], default="auto")
     ap.add_argument("--max-pdu", type=int, default=DicomSettings().max_pdu)
+    ap.add_argument("--associations", type=int, default=4, help="concurrent associations of the second round")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare pynetdicom reference")
+    ap.add_argument("--no-per-image", action="store_true", help="skip the intake before group commit")
     ap.add_argument("--no-encrypted", action="store_true", help="skip the encrypted-store run")
-    ap.add_argument("--intake", choices=["service", "prototype"], default="service",
-                    help="prototype: the overlapped-fsync Intake proposed above (not the service's)")
     args = ap.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scp_"))
     files = make_files(root / "input", args.n)
     warmup = make_files(root / "warmup", 5)
     size_mb = sum(f.stat().st_size for f in files) / 2**20
-    print(f"{len(files)} files, 600x450 JPEG Baseline, {size_mb:.1f} MiB; {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.2f}")
-
-    rates: dict[str, float] = {}
     run = root / f"run_{int(time.time())}"
-    intake_cls = PrototypeIntake if args.intake == "prototype" else Intake
-    with dermgate_scp(run / "dermgate", args.audit, args.max_pdu, intake_cls) as (port, audit_desc, store, engine):
-        send(port, warmup)
-        rates["dermgate"] = len(files) / send(port, files)
-        from sqlalchemy import text
-        with engine.connect() as c:
-            rows = c.execute(text("select count(*) from instances")).scalar_one()
-    if rows != len(files) + len(warmup):
-        raise SystemExit(f"expected {len(files) + len(warmup)} instance rows, found {rows}")
-    if not args.no_encrypted:
-        with dermgate_scp(run / "dermgate-encrypted", args.audit, args.max_pdu, intake_cls,
-                          encrypted=True) as (port, _, store, _engine):
-            send(port, warmup)
-            rates["encrypted"] = len(files) / send(port, files)
-            sample = next((store.root / "objects").rglob("*.dcm"))
-            if not sample.read_bytes().startswith(b"DGS1"):
-                raise SystemExit("the encrypted run wrote a plaintext object")
-    with dcmtk_storescp(run / "storescp") as port:
-        send(port, warmup)
-        rates["storescp"] = len(files) / send(port, files)
-    if not args.no_bare:
-        with bare_pynetdicom(run / "bare") as port:
-            send(port, warmup)
-            rates["bare"] = len(files) / send(port, files)
+    logs.configure("INFO", run / "dermgate.log")        # as `dermgate serve`: JSON lines to a file
+    print(f"{len(files)} files, 600x450 JPEG Baseline, {size_mb:.1f} MiB; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f} (shared machine: compare ratios, not absolute figures)")
 
-    print(f"dermgate SCP (checks + decode, fsynced object, SQLite row + job, {audit_desc}; "
-          f"{args.intake} intake; max PDU {args.max_pdu}): {rates['dermgate']:7.1f} images/s")
-    if "bare" in rates:
-        print(f"bare pynetdicom SCP (write file only, no fsync):          {rates['bare']:7.1f} images/s")
-    print(f"dcmtk storescp (write file only, no fsync):               {rates['storescp']:7.1f} images/s")
-    print(f"ratio dermgate / storescp: {rates['dermgate'] / rates['storescp']:.3f}"
-          + (f"; dermgate / bare pynetdicom: {rates['dermgate'] / rates['bare']:.2f}" if "bare" in rates else ""))
-    if "encrypted" in rates:
-        print(f"dermgate SCP, store encrypted at rest (AES-256-GCM per object): {rates['encrypted']:7.1f} images/s; "
-              f"encrypted / plain store: {rates['encrypted'] / rates['dermgate']:.3f}")
+    rounds = (1, args.associations)
+    rates: dict[tuple[str, int], float] = {}
+    waits: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int], float] = {}     # CPU seconds of this process (the SCP) per image
+    kinds = ["group"] + ([] if args.no_encrypted else ["encrypted"]) + ([] if args.no_per_image else ["per-image"])
+    for kind in kinds:
+        for assocs in rounds:
+            watch = Stopwatch()
+            with dermgate_scp(run / f"dermgate-{kind}-{assocs}", args.audit, args.max_pdu, kind,
+                              watch) as (port, audit_desc, engine):
+                send(port, warmup)
+                watch.reset()
+                cpu0 = time.process_time()
+                rates[(kind, assocs)] = len(files) / send(port, files, assocs)
+                cpu[(kind, assocs)] = (time.process_time() - cpu0) / len(files)
+                waits[(kind, assocs)] = watch.per_store_ms()
+                from sqlalchemy import text
+                with engine.connect() as c:
+                    rows = c.execute(text("select count(*) from instances")).scalar_one()
+            if rows != len(files) + len(warmup):
+                raise SystemExit(f"expected {len(files) + len(warmup)} instance rows, found {rows}")
+    for assocs in rounds:
+        with dcmtk_storescp(run / f"storescp-{assocs}") as port:
+            send(port, warmup)
+            rates[("storescp", assocs)] = len(files) / send(port, files, assocs)
+        if not args.no_bare:
+            with bare_pynetdicom(run / f"bare-{assocs}") as port:
+                send(port, warmup)
+                rates[("bare", assocs)] = len(files) / send(port, files, assocs)
+
+    print(f"dermgate SCP: checks + decode, object + row + job + audit record durable before Success "
+          f"({audit_desc}, SQLite, max PDU {args.max_pdu})")
+    print(f"{'receiver':<48} {'1 assoc img/s':>13} {f'{args.associations} assoc img/s':>13}")
+    labels = {"group": "dermgate, group commit (the service)",
+              "encrypted": "dermgate, group commit, store encrypted",
+              "per-image": "dermgate, per-image fsyncs (before group commit)",
+              "bare": "bare pynetdicom (write file, no fsync)",
+              "storescp": "dcmtk storescp (write file, no fsync)"}
+    for key in ("group", "encrypted", "per-image", "bare", "storescp"):
+        if (key, 1) in rates:
+            print(f"{labels[key]:<48} {rates[(key, 1)]:>13.1f} {rates[(key, args.associations)]:>13.1f}")
+    for kind in kinds:
+        print(f"durability wait per C-STORE ({kind}): {waits[(kind, 1)]:.2f} ms with 1 association, "
+              f"{waits[(kind, args.associations)]:.2f} ms with {args.associations}; SCP CPU "
+              f"{cpu[(kind, 1)] * 1000:.1f} / {cpu[(kind, args.associations)] * 1000:.1f} ms per image "
+              f"({1 / cpu[(kind, args.associations)]:.0f} images/s per core)")
+    g1, ga = rates[("group", 1)], rates[("group", args.associations)]
+    if ("encrypted", 1) in rates:
+        print(f"encrypted / plain store: {rates[('encrypted', 1)] / g1:.2f} with 1 association, "
+              f"{rates[('encrypted', args.associations)] / ga:.2f} with {args.associations}")
+    if ("per-image", 1) in rates:
+        print(f"group commit / per-image: {g1 / rates[('per-image', 1)]:.2f} with 1 association, "
+              f"{ga / rates[('per-image', args.associations)]:.2f} with {args.associations}")
+    print(f"ratio dermgate / storescp: {g1 / rates[('storescp', 1)]:.3f}"
+          + (f"; dermgate / bare pynetdicom: {g1 / rates[('bare', 1)]:.2f}" if ("bare", 1) in rates else ""))
+    if ("bare", args.associations) in rates:
+        print(f"{args.associations} concurrent associations, dermgate / bare pynetdicom "
+              f"({args.associations} associations each): {ga / rates[('bare', args.associations)]:.2f}")
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0

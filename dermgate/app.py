@@ -85,7 +85,9 @@ class Runtime:
         m = self.settings.model
         threads = m.threads or max(1, (os.cpu_count() or 2))
         # No CPU arena: it would hold the largest batch's memory for good (issue 16, bench_memory.py).
-        engine = Engine(m.path, intra_op_threads=threads, cpu_memory_arena=False)
+        # One model run per worker batch (batches across jobs: worker.batch_size; larger on a GPU).
+        engine = Engine(m.path, intra_op_threads=threads, cpu_memory_arena=False,
+                        batch_size=max(32, self.settings.worker.batch_size))
         for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
             metrics.EXECUTION_PROVIDER.labels(provider).set(1 if engine.providers[0] == provider else 0)
         return TimedClassifier(engine)
@@ -100,15 +102,17 @@ class Runtime:
         from dermgate.channels import build_planners
         return build_planners(self)
 
-    def worker(self, owner: str | None = None) -> Worker:
+    def worker(self, owner: str | None = None, on_planned: Any = None) -> Worker:
         from integration.dicom_scp.stages import DicomDecoder, DicomRenderer
         return Worker(self.sessions, self.store, self.classifier, self.audit, self.planners,
                       self.settings.worker, decoder=DicomDecoder(), renderer=DicomRenderer(self.store),
-                      owner=owner)
+                      owner=owner, on_planned=on_planned)
 
-    def dispatcher(self, owner: str | None = None) -> Dispatcher:
-        """One dispatcher for every channel (tests, tools); the service runs ``dispatchers()``."""
-        return Dispatcher(self.sessions, self.channels, self.settings.worker, self.audit, owner=owner)
+    def dispatcher(self, owner: str | None = None, channels: list[str] | None = None) -> Dispatcher:
+        """A dispatcher for ``channels`` (default: every channel; tests, tools); the service runs
+        ``dispatchers()``."""
+        chosen = self.channels if channels is None else {c: self.channels[c] for c in channels}
+        return Dispatcher(self.sessions, chosen, self.settings.worker, self.audit, owner=owner)
 
     def dispatchers(self) -> list[Dispatcher]:
         """One dispatcher per channel, each for its own thread: a hung EHR cannot stall the PACS."""
@@ -116,8 +120,14 @@ class Runtime:
                 for name, ch in self.channels.items()]
 
     def intake(self) -> Any:
+        """The SCP's intake, one image at a time (tools and tests; the SCP uses ``group_commit``)."""
         from dermgate.intake import Intake
         return Intake(self.store, self.sessions)
+
+    def group_commit(self, on_commit: Any = None) -> Any:
+        """The SCP's intake and audit sink with group commit (dermgate/groupcommit.py); close it after the SCP."""
+        from dermgate.groupcommit import GroupCommit
+        return GroupCommit(self.store, self.sessions, self.audit, on_commit=on_commit)
 
     def close(self) -> None:
         closer = getattr(self.__dict__.get("audit"), "close", None)
@@ -127,18 +137,26 @@ class Runtime:
 
 
 class TimedClassifier:
-    """The engine, with each batch's run time observed per execution provider."""
+    """The engine, with each batch's run time observed per execution provider.
+
+    Worker threads of one process take turns at the model: one batch runs while the others
+    render the previous ones (the model releases the GIL; rendering needs it), and ONNX
+    Runtime keeps the memory of one batch, not one per thread.
+    """
 
     def __init__(self, engine: Any) -> None:
+        import threading
         self.engine = engine
+        self._turn = threading.Lock()
 
     def predict(self, images: list[Any]) -> list[Any]:
         import time
 
         from dermgate import metrics
-        t0 = time.perf_counter()
-        out = self.engine.predict(images)
-        metrics.INFERENCE_SECONDS.labels(self.engine.providers[0]).observe(time.perf_counter() - t0)
+        with self._turn:
+            t0 = time.perf_counter()
+            out = self.engine.predict(images)
+            metrics.INFERENCE_SECONDS.labels(self.engine.providers[0]).observe(time.perf_counter() - t0)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -159,6 +177,15 @@ class TimedAudit:
         seq = self.trail.record(event)
         metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
         return int(seq)
+
+    def record_many(self, events: Any) -> list[int]:
+        import time
+
+        from dermgate import metrics
+        t0 = time.perf_counter()
+        seqs = self.trail.record_many(events)
+        metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
+        return [int(s) for s in seqs]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.trail, name)

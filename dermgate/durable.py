@@ -20,9 +20,11 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +108,96 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+class Deferred:
+    """Bytes renamed into place but not yet fsynced: ``write_deferred``'s half of ``write_atomic``.
+
+    The caller makes them durable (:meth:`sync_file`, then :func:`fsync_dir` of every
+    folder in :attr:`dirs`: the rename's and each new sub-folder's parent) before it
+    acknowledges anything, and always :meth:`close`\\ s it. The intake's group commit
+    and the worker's batches fsync many of these at once (:func:`sync_all`).
+    """
+
+    def __init__(self, path: Path, fd: int, dirs: tuple[Path, ...]) -> None:
+        self.path, self.fd, self.dirs = path, fd, dirs
+
+    def sync_file(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def missing_dirs(folder: Path) -> list[Path]:
+    """The folders ``mkdir -p folder`` would create, outermost first."""
+    missing: list[Path] = []
+    probe = Path(folder)
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    return missing[::-1]
+
+
+def write_deferred(path: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE,
+                   dir_mode: int = PRIVATE_DIR_MODE) -> Deferred:
+    """``write_atomic`` without its fsyncs: a unique temporary file, written, renamed over ``path``.
+
+    Readers see the whole new file or nothing, but it is durable only once the
+    returned :class:`Deferred` is synced (file and folders).
+    """
+    path = Path(path)
+    created = missing_dirs(path.parent)
+    private_dir(path.parent, mode=dir_mode, tighten=False)
+    tmp = path.with_name(f".{path.name}.{owner_tag()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return Deferred(path, fd, (path.parent, *(d.parent for d in created)))
+
+
+def sync_all(items: Iterable[Deferred]) -> None:
+    """Make every ``item`` durable (file and folders), the fsyncs in flight together, then close them.
+
+    Concurrent fsyncs on one file system share journal commits, so many files cost
+    about one fsync's wait instead of one each. Raises the first OSError once every
+    fsync has finished.
+    """
+    items = list(items)
+    try:
+        dirs = {d for item in items for d in item.dirs}
+        futures = [_pool().submit(item.sync_file) for item in items]
+        futures += [_pool().submit(fsync_dir, d) for d in dirs]
+        errors = [f.exception() for f in futures]
+    finally:
+        for item in items:
+            item.close()
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+FSYNC_THREADS = 8                         # fsyncs in flight at once (they share journal commits)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
+        return _POOL
 
 
 def pid_alive(pid: int) -> bool:

@@ -40,3 +40,8 @@ CONNECTIONS_REFUSED = Counter("dermgate_dicom_connections_refused_total",
                               ["reason"])
 API_AUTH_FAILURES = Counter("dermgate_api_auth_failures_total", "HTTP API requests refused: 401, 403, 429",
                             ["status"])
+INTAKE_GROUP_SIZE = Histogram("dermgate_intake_group_size", "C-STORE images made durable by one group commit",
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+INTAKE_COMMIT_SECONDS = Histogram("dermgate_intake_commit_seconds",
+                                  "One intake group commit: object + folder fsyncs alongside the database commit",
+                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))

@@ -2,8 +2,10 @@
 
     modality --C-STORE--> SCP handler ............ integration/dicom_scp/handlers.py
         receive:  decode + check, answer a DICOM status
-        store:    Intake.accept -> bytes fsynced, instance row + job committed ... dermgate/intake.py
-    Worker (this file), per job, each stage committed under the job's lease:
+        store:    object, instance row + job and audit record made durable by a group
+                  commit shared with concurrent C-STOREs ...................... dermgate/groupcommit.py
+    Worker (this file), a batch of jobs at once (one model run, one transaction and one
+    audit write per stage, one round of fsyncs), each stage committed under the jobs' leases:
         1. load:      read the stored object                      RECEIVED
         2. classify:  decode to RGB, ONNX model, Grad-CAM         -> CLASSIFIED
         3. render:    Grad-CAM Secondary Capture, AI-result SR    -> RENDERED
@@ -30,9 +32,11 @@ result: any error they raise other than an OSError or MemoryError is permanent.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,9 +48,10 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from audit.api import AuditEvent, AuditSink, EventType, Outcome
+from audit.api import AuditEvent, AuditSink, EventType, Outcome, record_all
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState, OutboxItem, OutboxState, utcnow
+from dermgate.durable import Deferred, sync_all
 from dermgate.queue import backoff, claim, fenced_update, owner_id, release, release_dead_owners
 from dermgate.records import Channel, DeliveryOutcome, ImageRef, Outputs
 from dermgate.store import ObjectStore
@@ -111,9 +116,11 @@ class Decoder(Protocol):
 
 class Renderer(Protocol):
     """Writes one image's outputs (Grad-CAM SC, AI-result SR, heatmap PNG) into ``folder`` and
-    reads them back; returns their paths relative to the store root."""
+    checks them; returns their paths relative to the store root, and the writes still to be
+    fsynced (:class:`~dermgate.durable.Deferred`): the worker syncs a whole batch's at once."""
 
-    def render(self, source: Any, prediction: Prediction, folder: Path, image_rgb: np.ndarray | None) -> Outputs: ...
+    def render(self, source: Any, prediction: Prediction, folder: Path,
+               image_rgb: np.ndarray | None) -> tuple[Outputs, tuple[Deferred, ...]]: ...
 
 
 class Planner(Protocol):
@@ -141,9 +148,15 @@ class Loaded:
 
 def load(store: ObjectStore, inst: Instance, job: Job, decoder: Decoder) -> Loaded:
     """Stage 1: read the stored object back (it was fsynced before Success was answered).
+
     A missing or unreadable file is transient (a volume not mounted yet); bytes that do not
-    parse are permanent."""
+    parse are permanent. Its sha256 is checked against the row: the intake's group commit
+    fsyncs the object alongside the row's commit, so a crash before Success may leave a row
+    whose object is torn (dermgate/groupcommit.py); the SCU's resend repairs it, until then
+    the job retries."""
     data = store.read(inst.path)
+    if hashlib.sha256(data).hexdigest() != inst.sha256:
+        raise PipelineError("stored object incomplete (sha256 differs from the received object's)")
     with permanent_unless_transient("stored object cannot be parsed"):
         source = decoder.read(data)
         image = decoder.image_ref(ImageRef.from_object(inst), source)
@@ -173,10 +186,13 @@ def derived_dir(image: ImageRef, *, opaque: bool = False) -> str:
     return f"derived/{image.study_instance_uid}/{image.sop_instance_uid}"
 
 
-def render(store: ObjectStore, item: Loaded, prediction: Prediction, renderer: Renderer) -> Outputs:
-    """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, written and read back.
+def render(store: ObjectStore, item: Loaded, prediction: Prediction,
+           renderer: Renderer) -> tuple[Outputs, tuple[Deferred, ...]]:
+    """Stage 3: Grad-CAM Secondary Capture + AI-result SR + the heatmap PNG, encoded once and written.
 
     Their UIDs derive from the source and the model, so a re-run rewrites the same objects.
+    The files are in place but not yet fsynced: the worker fsyncs those of the whole batch
+    at once (the second element) before it commits any of them.
     """
     with permanent_unless_transient("outputs cannot be built"):
         return renderer.render(item.dataset, prediction,
@@ -211,17 +227,32 @@ class DeadOwnerReaper:
             log.warning("dead_owner_leases_released", table=self.model.__tablename__, owners=dead)
 
 
+@dataclass
+class _Rendered:
+    job: Job
+    inst: Instance
+    item: Loaded
+    outputs: Outputs
+    plans: list[tuple[str, dict[str, Any]]]
+    pending: tuple[Any, ...]
+
+
 class Worker:
-    """Claims jobs, runs stages 1-4, and commits each stage's result fenced on its lease."""
+    """Claims a batch of jobs and runs stages 1-4 on all of them together: one model batch, one
+    transaction and one audit write per stage, one round of fsyncs for every file written;
+    each write is fenced on the job's lease."""
 
     def __init__(self, sessions: sessionmaker, store: ObjectStore, classifier: Classifier, audit: AuditSink,
                  planners: list[Planner], cfg: WorkerSettings, *, decoder: Decoder, renderer: Renderer,
-                 owner: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 owner: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_planned: Callable[[], None] | None = None) -> None:
         self.sessions, self.store, self.classifier, self.audit = sessions, store, classifier, audit
         self.planners, self.cfg, self.clock = planners, cfg, clock
         self.decoder, self.renderer = decoder, renderer
         self.owner = owner or owner_id("worker")
+        self.on_planned = on_planned            # outbox rows committed: wake the dispatchers
         self._reaper = DeadOwnerReaper(Job, cfg.lease_seconds, clock)
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-record")
 
     def run_once(self) -> int:
         """Claim a batch and take each job as far as it goes; returns how many jobs were claimed."""
@@ -231,8 +262,8 @@ class Worker:
             rows = [(j, s.get(Instance, j.instance_id)) for j in jobs]
         if not rows:
             return 0
+        t0 = self.clock()
         to_classify: list[Loaded] = []
-        ready: list[tuple[Loaded, Prediction]] = []
         for job, inst in rows:
             try:
                 loaded = load(self.store, inst, job, self.decoder)
@@ -247,76 +278,121 @@ class Worker:
             # model is deterministic and the Grad-CAM map is derivable, so nothing but the
             # result row is kept between the stages.
             to_classify.append(loaded)
-        if to_classify:
-            ready.extend(self._classify(to_classify, {j.id: j for j, _ in rows}, {j.id: i for j, i in rows}))
+        metrics.STAGE_SECONDS.labels("load").observe(self.clock() - t0)
+        if not to_classify:
+            return len(rows)
         jobs_by_id = {j.id: (j, i) for j, i in rows}
-        for loaded, prediction in ready:
-            job, inst = jobs_by_id[loaded.job_id]
-            self._render_and_plan(job, inst, loaded, prediction)
+        ready = self._classify(to_classify, jobs_by_id)
+        if not ready:
+            return len(rows)
+        # The results are committed and audited (two waits for the disk) while the outputs render.
+        recording = self._recorder.submit(self._record_classified, ready, jobs_by_id)
+        rendered: list[_Rendered] = []
+        try:
+            rendered = [r for r in (self._render_and_plan(*jobs_by_id[item.job_id], item, pred)
+                                    for item, pred in ready) if r is not None]
+            kept = recording.result()
+        except BaseException:
+            for r in rendered:
+                for d in r.pending:
+                    d.close()
+            raise
+        lost = [r for r in rendered if r.job.id not in kept]
+        for r in lost:                      # another worker owns the job now: its outputs are its own
+            for d in r.pending:
+                d.close()
+        rendered = [r for r in rendered if r.job.id in kept]
+        if rendered:
+            self._commit_rendered(rendered)
         return len(rows)
 
-    def _classify(self, batch: list[Loaded], jobs: Mapping[int, Job], insts: Mapping[int, Instance]) -> list[tuple[Loaded, Prediction]]:
+    def _classify(self, batch: list[Loaded],
+                  jobs: Mapping[int, tuple[Job, Instance]]) -> list[tuple[Loaded, Prediction]]:
         t0 = self.clock()
         try:
             predictions = classify(batch, self.classifier, self.decoder)
         except Exception as exc:  # noqa: BLE001 - retry each job individually with back-off
             for item in batch:
-                self._fail(jobs[item.job_id], insts[item.job_id], f"classification failed: {exc}")
+                self._fail(*jobs[item.job_id], f"classification failed: {exc}")
             return []
         metrics.STAGE_SECONDS.labels("classify").observe(self.clock() - t0)
-        done = []
-        for item, pred in zip(batch, predictions):
-            with self.sessions.begin() as s:
-                ok = fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json(),
-                                   risk=pred.risk.value, low_confidence=pred.low_confidence)
-            if not ok:
-                log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
-                continue
-            if jobs[item.job_id].state is not JobState.RECEIVED:   # resumed: already audited
-                done.append((item, pred))
-                continue
-            self.audit.record(AuditEvent(
+        return list(zip(batch, predictions))
+
+    def _record_classified(self, batch: list[tuple[Loaded, Prediction]],
+                           jobs: Mapping[int, tuple[Job, Instance]]) -> set[int]:
+        """CLASSIFIED with its result for the batch in one transaction, then one audit write for those
+        classified for the first time; returns the ids of the jobs whose lease held."""
+        done: list[tuple[Loaded, Prediction]] = []
+        with self.sessions.begin() as s:           # one transaction for the batch's results
+            for item, pred in batch:
+                if fenced_update(s, Job, item.job_id, self.owner, state=JobState.CLASSIFIED, result=pred.to_json(),
+                                risk=pred.risk.value, low_confidence=pred.low_confidence):
+                    done.append((item, pred))
+                else:
+                    log.warning("lease_lost", stage="classify", correlation_id=item.correlation_id)
+        fresh = [(item, pred) for item, pred in done if jobs[item.job_id][0].state is JobState.RECEIVED]
+        if fresh:                                  # resumed jobs were audited when first classified
+            record_all(self.audit, [AuditEvent(
                 event=EventType.CLASSIFIED, outcome=Outcome.SUCCESS, actor="dermgate", action="C",
                 patient_id=item.image.patient_id, study_uid=item.image.study_instance_uid,
                 sop_instance_uids=(item.image.sop_instance_uid,),
                 detail={"top_class": pred.top_class, "risk": pred.risk.value, "model": pred.model.version,
                         "malignancy_probability": round(pred.malignancy_probability, 4),
-                        "correlation_id": item.correlation_id}))
+                        "correlation_id": item.correlation_id}) for item, pred in fresh])
+        for item, pred in done:
             log.info("classified", correlation_id=item.correlation_id, top_class=pred.top_class,
                      risk=pred.risk.value)
-            done.append((item, pred))
-        return done
+        return {item.job_id for item, _ in done}
 
-    def _render_and_plan(self, job: Job, inst: Instance, item: Loaded, prediction: Prediction) -> None:
+    def _render_and_plan(self, job: Job, inst: Instance, item: Loaded, prediction: Prediction) -> _Rendered | None:
+        t0 = self.clock()
+        pending: tuple[Any, ...] = ()
+        try:
+            outputs, pending = render(self.store, item, prediction, self.renderer)
+            t1 = self.clock()
+            plans = plan(self.planners, self.store, item, prediction, outputs)
+        except Exception as exc:  # noqa: BLE001 - a job failure, recorded
+            for d in pending:
+                d.close()
+            if isinstance(exc, PermanentError):
+                self._fail(job, inst, str(exc), permanent=True)
+            else:
+                self._fail(job, inst, f"rendering failed: {exc}", permanent=_permanent(exc))
+            return None
+        metrics.STAGE_SECONDS.labels("render").observe(t1 - t0)
+        metrics.STAGE_SECONDS.labels("plan").observe(self.clock() - t1)
+        return _Rendered(job, inst, item, outputs, [(c, p) for c, p in plans if p is not None], pending)
+
+    def _commit_rendered(self, batch: list[_Rendered]) -> None:
+        """Every output file of the batch durable (one round of fsyncs), then result, outputs and
+        outbox rows of every job in one transaction (transactional outbox)."""
         t0 = self.clock()
         try:
-            outputs = render(self.store, item, prediction, self.renderer)
-            plans = plan(self.planners, self.store, item, prediction, outputs)
-        except PermanentError as exc:
-            self._fail(job, inst, str(exc), permanent=True)
+            sync_all(d for r in batch for d in r.pending)
+        except OSError as exc:
+            for r in batch:
+                self._fail(r.job, r.inst, f"rendering failed: outputs not durable: {exc}")
             return
-        except Exception as exc:  # noqa: BLE001
-            self._fail(job, inst, f"rendering failed: {exc}", permanent=_permanent(exc))
-            return
-        metrics.STAGE_SECONDS.labels("render").observe(self.clock() - t0)
-        plans = [(c, p) for c, p in plans if p is not None]
         now = utcnow()
-        try:
-            with self.sessions.begin() as s:
-                state = JobState.RENDERED if plans else JobState.DELIVERED
-                # Result, outputs and the outbox rows commit together (transactional outbox).
-                if not fenced_update(s, Job, job.id, self.owner, state=state, outputs=outputs.__dict__,
+        committed: list[_Rendered] = []
+        with self.sessions.begin() as s:
+            for r in batch:
+                state = JobState.RENDERED if r.plans else JobState.DELIVERED
+                if not fenced_update(s, Job, r.job.id, self.owner, state=state, outputs=r.outputs.__dict__,
                                      lease_owner=None, lease_expires_at=None, last_error=None,
                                      completed_at=now if state == JobState.DELIVERED else None):
-                    raise _LeaseLost
-                for channel, payload in plans:
-                    s.add(OutboxItem(job_id=job.id, channel=channel, kind="report",
-                                     business_key=f"{item.image.sop_instance_uid}:report", payload=payload))
-        except _LeaseLost:
-            log.warning("lease_lost", stage="render", correlation_id=item.correlation_id)
-            return
-        metrics.JOB_LATENCY.observe((now - inst.received_at).total_seconds())
-        log.info("rendered", correlation_id=item.correlation_id, deliveries=len(plans))
+                    log.warning("lease_lost", stage="render", correlation_id=r.item.correlation_id)
+                    continue
+                for channel, payload in r.plans:
+                    s.add(OutboxItem(job_id=r.job.id, channel=channel, kind="report",
+                                     business_key=f"{r.item.image.sop_instance_uid}:report", payload=payload))
+                committed.append(r)
+        metrics.STAGE_SECONDS.labels("commit").observe(self.clock() - t0)
+        if committed and self.on_planned is not None:
+            self.on_planned()
+        for r in committed:
+            metrics.JOB_LATENCY.observe((now - r.inst.received_at).total_seconds())
+            log.info("rendered", correlation_id=r.item.correlation_id, deliveries=len(r.plans))
 
     def _fail(self, job: Job, inst: Instance, reason: str, permanent: bool = False) -> None:
         """Record a failed attempt: retry later, or dead-letter (permanent, or attempts used up).
@@ -415,6 +491,10 @@ class Dispatcher:
         attempts = item.attempts + 1
         with self.sessions.begin() as s:
             if outcome.ok:
+                if item.job_id is not None:
+                    # The job's rows are delivered side by side (one dispatcher per channel, many
+                    # processes): lock the job first, so whichever commits last sees every row sent.
+                    s.execute(select(Job.id).where(Job.id == item.job_id).with_for_update())
                 fenced = fenced_update(s, OutboxItem, item.id, self.owner, state=OutboxState.SENT, sent_at=now,
                                        remote_ref=outcome.remote_ref, attempts=attempts, last_error=None,
                                        lease_owner=None, lease_expires_at=None)
@@ -458,16 +538,19 @@ def _permanent(exc: BaseException) -> bool:
     return isinstance(exc, PipelineError) and exc.permanent
 
 
-def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float) -> None:
-    """Call ``step`` until ``stop`` is set, sleeping ``idle_s`` when it found no work."""
+def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float,
+             wake: threading.Event | None = None) -> None:
+    """Call ``step`` until ``stop`` is set; when it found no work, wait ``idle_s`` or until ``wake`` is set."""
     while not stop.is_set():
+        if wake is not None:
+            wake.clear()                 # before the step: a notification during it is not lost
         try:
             busy = step()
         except Exception:  # noqa: BLE001 - the loop must survive a database blip
             log.exception("loop_error")
             busy = 0
         if not busy:
-            stop.wait(idle_s)
+            (wake or stop).wait(idle_s)
 
 
 def queue_depth(sessions: sessionmaker) -> dict[str, int]:

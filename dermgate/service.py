@@ -18,6 +18,7 @@ from audit.api import AuditEvent, EventType, Outcome
 from dermgate import __version__
 from dermgate.app import Runtime
 from dermgate.pipeline import run_loop
+from dermgate.wakeup import Wakeup
 
 log = structlog.get_logger("dermgate.service")
 
@@ -34,6 +35,10 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.loops: list[Any] = []
         self.scp: Any = None
+        self.group_commit: Any = None
+        # In-process wake-ups: new jobs wake the workers, new outbox rows the dispatchers (dermgate/wakeup.py).
+        self.jobs_ready, self.outbox_ready = Wakeup(), Wakeup()
+        self._wakes: list[threading.Event] = []
         self.api_server: Any = None
         self.api_app: Any = None
 
@@ -46,13 +51,15 @@ class Service:
         if "worker" in self.roles:
             _ = rt.classifier  # load + verify the model before taking work
             for i in range(self.n_workers):
-                w = rt.worker()
+                w = rt.worker(on_planned=self.outbox_ready.notify)
                 self.loops.append(w)
-                self._thread(f"worker-{i}", w.run_once)
+                self._thread(f"worker-{i}", w.run_once, self.jobs_ready)
         if "dispatcher" in self.roles:
+            # One loop per channel: the EHR and the PACS are delivered to side by side, and a slow
+            # or unreachable one delays only its own rows.
             for d in rt.dispatchers():
                 self.loops.append(d)
-                self._thread(f"dispatcher-{next(iter(d.channels))}", d.run_once)
+                self._thread(f"dispatcher-{next(iter(d.channels))}", d.run_once, self.outbox_ready)
         if "api" in self.roles:
             self._start_api()
         if "scp" in self.roles:
@@ -60,7 +67,8 @@ class Service:
             if not rt.settings.dicom.allowed_callers and not rt.settings.dicom.accept_unknown_callers:
                 log.warning("scp_allow_list_empty", note="every association will be rejected: "
                             "configure dicom.allowed_callers (AE title + hosts)")
-            self.scp = DicomService(rt.settings.dicom, rt.intake(), rt.audit, rt.store)
+            self.group_commit = rt.group_commit(on_commit=self.jobs_ready.notify)
+            self.scp = DicomService(rt.settings.dicom, self.group_commit.intake, self.group_commit.audit, rt.store)
             self.scp.start()
         log.info("service_started", roles=sorted(self.roles), version=__version__)
 
@@ -89,9 +97,12 @@ class Service:
                         files=[str(o.path.relative_to(self.rt.store.root)) for o in removed[:20]],
                         why=sorted({o.why for o in removed})[:5])
 
-    def _thread(self, name: str, step: Any) -> None:
-        t = threading.Thread(target=run_loop, args=(step, self.stop_event, self.rt.settings.worker.poll_interval_s),
-                             name=name, daemon=True)
+    def _thread(self, name: str, step: Any, wakeup: Wakeup | None = None) -> None:
+        wake = wakeup.subscribe() if wakeup is not None else None
+        if wake is not None:
+            self._wakes.append(wake)
+        t = threading.Thread(target=run_loop, args=(step, self.stop_event, self.rt.settings.worker.poll_interval_s,
+                                                    wake), name=name, daemon=True)
         t.start()
         self.threads.append(t)
 
@@ -123,7 +134,11 @@ class Service:
     def stop(self, timeout: float = 30.0) -> None:
         if self.scp is not None:
             self.scp.stop()
+        if self.group_commit is not None:
+            self.group_commit.close()
         self.stop_event.set()
+        for wake in self._wakes:              # loops waiting for work see the stop at once
+            wake.set()
         if self.api_server is not None:
             self.api_server.should_exit = True
         for t in self.threads:

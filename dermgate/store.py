@@ -9,6 +9,11 @@ object that arrived as a file (``incoming/``, see integration/dicom_scp/incoming
 is hashed as it is read and renamed into place (encrypted when a cipher is set),
 never held in memory whole when the store is not encrypted.
 
+The SCP's group commit (dermgate/groupcommit.py) and the worker's batches use
+the ``stage*`` writers: the file is renamed into place at once but fsynced, with
+its folders, in the commit that then answers Success or records the stage, so
+that many files share one wait.
+
 Every reader and writer goes through :class:`ObjectStore` -- the SCP's intake,
 the worker (source read, SC/SR/PNG written and read back), the FHIR planner,
 the DICOM forwarder, the FHIR bundle folder and the API's heatmap -- so with a
@@ -45,8 +50,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from dermgate.durable import (PRIVATE_FILE_MODE, TMP_SUFFIX, Orphan, clean_orphans, fsync_dir, owner_tag,
-                              private_dir, write_atomic)
+from dermgate.durable import (PRIVATE_FILE_MODE, TMP_SUFFIX, Deferred, Orphan, clean_orphans, fsync_dir,
+                              missing_dirs, owner_tag, private_dir, write_atomic, write_deferred)
 
 if TYPE_CHECKING:
     from audit.keys import KeyProvider
@@ -191,6 +196,66 @@ class ObjectStore:
             raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
         return rel, digest, size
 
+    def stage(self, rel: str, data: bytes) -> Deferred:
+        """:meth:`put` without its fsyncs: in place at once (atomic), durable once the result is synced."""
+        rel = self.rel(Path(rel))
+        blob = self.cipher.encrypt(rel, data) if self.cipher else data
+        try:
+            return write_deferred(self.root / rel, blob)
+        except OSError as exc:
+            raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
+
+    def stage_at(self, path: Path, data: bytes) -> Deferred:
+        return self.stage(self.rel(path), data)
+
+    def stage_object(self, encoded: bytes | Path) -> tuple[str, str, int, Deferred]:
+        """:meth:`put_object` / :meth:`put_object_file` for a group commit: (relative path, sha256,
+        size, the :class:`~dermgate.durable.Deferred` to sync).
+
+        An object already in place is checked against its name first: one renamed but never
+        fsynced before a crash may be torn, and is then rewritten (and fsynced anyway, as its
+        first writer's fsync may still be in flight).
+        """
+        if isinstance(encoded, Path):
+            digest, size = _sha256_file(encoded)
+        else:
+            digest, size = hashlib.sha256(encoded).hexdigest(), len(encoded)
+        rel = self.object_rel(digest)
+        target = self.root / rel
+        try:
+            fd = self._open_intact(rel, digest)
+            if fd is not None:
+                return rel, digest, size, Deferred(target, fd, (target.parent,))
+            if isinstance(encoded, Path) and self.cipher is None:
+                return rel, digest, size, _stage_rename(encoded, target)
+            data = encoded.read_bytes() if isinstance(encoded, Path) else encoded
+        except OSError as exc:
+            raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
+        return rel, digest, size, self.stage(rel, data)
+
+    def _open_intact(self, rel: str, digest: str) -> int | None:
+        """A read descriptor on the object at ``rel`` when it is there whole (its sha256 matches)."""
+        try:
+            fd = os.open(self.root / rel, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if self.cipher is None:
+                intact = _sha256_fd(fd) == digest
+            else:
+                with os.fdopen(os.dup(fd), "rb") as fp:
+                    try:
+                        intact = hashlib.sha256(self.cipher.decrypt(rel, fp.read())).hexdigest() == digest
+                    except StoreIntegrityError:
+                        intact = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not intact:
+            os.close(fd)
+            return None
+        return fd
+
     def read(self, rel: str) -> bytes:
         """The bytes stored at ``rel``, decrypted and authenticated when the store is encrypted."""
         rel = self.rel(Path(rel))
@@ -221,6 +286,28 @@ def _sha256_file(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def _stage_rename(source: Path, target: Path) -> Deferred:
+    """Rename a received file into place without fsyncs (copied over when on another file system)."""
+    created = missing_dirs(target.parent)
+    private_dir(target.parent, tighten=False)
+    os.chmod(source, PRIVATE_FILE_MODE)
+    try:
+        os.replace(source, target)
+    except OSError:                              # another file system (EXDEV): copy it over
+        return write_deferred(target, source.read_bytes())
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    return Deferred(target, fd, (target.parent, *(d.parent for d in created)))
 
 
 def _fsync_file(path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -28,7 +29,7 @@ from typing import Any
 import structlog
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
@@ -53,6 +54,8 @@ STATUS_NOT_AUTHORIZED = 0x0124
 ASSOCIATION_ACCEPTED = 0x00
 REJECTED_PERMANENT = 0x01
 REJECTED_TRANSIENT = 0x02
+# An association is kept this long after a delivery for the next one (the PACS may drop it sooner).
+KEEP_ASSOCIATION_S = 5.0
 # DICOM source role: the instances were read here and sent (PS3.15 EventActionCode R).
 AUDIT_ACTION_READ = "R"
 
@@ -138,6 +141,7 @@ class DicomForwardChannel:
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
+        self._init_reuse()
         for label, ae in (("destination", self.ae_title), ("calling", self.calling_ae_title)):
             if not 0 < len(ae.strip()) <= 16:
                 raise ForwardError(f"{label} AE title must be 1-16 characters: {ae!r}")
@@ -155,49 +159,95 @@ class DicomForwardChannel:
         per file, release. The outbox derives its lease from this."""
         return self.connection_timeout + 2 * self.acse_timeout + FILES_PER_DELIVERY * self.dimse_timeout
 
+    def _init_reuse(self) -> None:
+        self._lock = threading.Lock()
+        self._assoc: Association | None = None
+        self._assoc_classes: frozenset[str] = frozenset()
+        self._idle: threading.Timer | None = None
+
     def deliver(self, payload: dict[str, Any]) -> DeliveryOutcome:
         """One attempt to store every file; ok only when all of them are stored."""
         try:
-            datasets = self._read(payload)
+            files = self._read(payload)
         except _Undeliverable as exc:
             return self._finish([], DeliveryOutcome(ok=False, retryable=False, reason=str(exc)), {})
         statuses: dict[str, int] = {}
-        outcome = self._send(datasets, statuses)
-        return self._finish(datasets, outcome, statuses)
+        with self._lock:
+            outcome = self._send(files, statuses)
+        return self._finish([f.header for f in files], outcome, statuses)
+
+    def close(self) -> None:
+        """Release the association kept open between deliveries."""
+        with self._lock:
+            self._drop(release=True)
 
     # --- steps -------------------------------------------------------------
 
-    def _read(self, payload: dict[str, Any]) -> list[Dataset]:
+    def _read(self, payload: dict[str, Any]) -> list[_File]:
+        """The files' headers only: the data sets travel as they are on disk (see ``_send_file``),
+        unless the store encrypts them, when they are decrypted into memory."""
         files = payload.get("files")
         if not files:
             raise _Undeliverable("payload names no files")
-        datasets: list[Dataset] = []
+        encrypted = self.files is not None and bool(getattr(self.files, "encrypted", False))
+        out: list[_File] = []
         for name in files:
             path = Path(name)
             if not path.is_absolute() and self.base_dir is not None:
                 path = self.base_dir / path
             try:
-                datasets.append(dcmread(BytesIO(self.files.read_at(path))) if self.files is not None
-                                else dcmread(path))
+                data = self.files.read_at(path) if encrypted else None     # decrypted, in memory
+                header = dcmread(BytesIO(data) if data is not None else path, stop_before_pixels=True,
+                                 specific_tags=list(_HEADER_KEYWORDS))
+                if not header.get("SOPClassUID") or not header.get("SOPInstanceUID"):
+                    raise InvalidDicomError("no SOP Class / Instance UID")
             except FileNotFoundError as exc:
                 raise _Undeliverable(f"output file missing: {path.name}") from exc
-            except (InvalidDicomError, OSError, StoreError) as exc:
+            except (InvalidDicomError, OSError, ValueError, EOFError, StoreError) as exc:
                 raise _Undeliverable(f"output file unreadable: {path.name}: {exc}") from exc
-        return datasets
+            out.append(_File(path, header, data))
+        return out
 
-    def _ae(self, datasets: Sequence[Dataset]) -> AE:
+    def _ae(self, classes: Sequence[str]) -> AE:
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = self.acse_timeout
         ae.dimse_timeout = self.dimse_timeout
         ae.network_timeout = self.network_timeout
         ae.connection_timeout = self.connection_timeout
-        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        for sop_class in sorted(classes):
             ae.add_requested_context(sop_class, UNCOMPRESSED)
             if sop_class in IMAGE_SOP_CLASSES:
                 ae.add_requested_context(sop_class, uids.JPEG_BASELINE)
         return ae
 
-    def _send(self, datasets: list[Dataset], statuses: dict[str, int]) -> DeliveryOutcome:
+    def _send(self, files: list[_File], statuses: dict[str, int]) -> DeliveryOutcome:
+        """Over the association kept from the last delivery when it still stands and fits, else a new one;
+        a kept association that broke is replaced once before the attempt counts as failed."""
+        self._cancel_idle()
+        classes = frozenset(str(f.header.SOPClassUID) for f in files)
+        reused = self._assoc is not None and self._assoc.is_established and classes <= self._assoc_classes
+        if not reused:
+            self._drop(release=True)
+            opened = self._open(classes)
+            if isinstance(opened, DeliveryOutcome):
+                return opened
+        assert self._assoc is not None
+        outcome = self._store_all(self._assoc, files, statuses)
+        if not outcome.ok and reused and not statuses and outcome.retryable:
+            self._drop(release=False)               # the peer let the idle association go: once more, fresh
+            opened = self._open(classes)
+            if isinstance(opened, DeliveryOutcome):
+                return opened
+            outcome = self._store_all(self._assoc, files, statuses)
+        if outcome.ok:
+            self._idle = threading.Timer(KEEP_ASSOCIATION_S, self.close)
+            self._idle.daemon = True
+            self._idle.start()
+        else:
+            self._drop(release=True)
+        return outcome
+
+    def _open(self, classes: frozenset[str]) -> DeliveryOutcome | None:
         answer: dict[str, Any] = {}           # the peer's A-ASSOCIATE response, when one came
 
         def on_acse_recv(event: evt.Event) -> None:
@@ -209,17 +259,29 @@ class DicomForwardChannel:
 
         tls_args = (self.tls, self.tls_server_hostname or self.host) if self.tls else None
         try:
-            assoc = self._ae(datasets).associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args,
-                                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)])
+            assoc = self._ae(sorted(classes)).associate(self.host, self.port, ae_title=self.ae_title,
+                                                        tls_args=tls_args,
+                                                        evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)])
         except (OSError, ssl.SSLError) as exc:
             return DeliveryOutcome(ok=False, retryable=True, reason=f"cannot connect to {self.destination}: {exc}")
         if not assoc.is_established:
             return self._not_established(assoc, answer)
-        try:
-            return self._store_all(assoc, datasets, statuses)
-        finally:
-            if assoc.is_established:
+        self._assoc, self._assoc_classes = assoc, classes
+        return None
+
+    def _drop(self, *, release: bool) -> None:
+        self._cancel_idle()
+        assoc, self._assoc, self._assoc_classes = self._assoc, None, frozenset()
+        if assoc is not None and assoc.is_established:
+            if release:
                 assoc.release()
+            else:
+                assoc.abort()
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def _not_established(self, assoc: Association, answer: dict[str, Any]) -> DeliveryOutcome:
         if assoc.is_rejected:
@@ -233,13 +295,15 @@ class DicomForwardChannel:
         return DeliveryOutcome(ok=False, retryable=True,
                                reason=f"association with {self.destination} failed (aborted or timed out)")
 
-    def _store_all(self, assoc: Association, datasets: list[Dataset], statuses: dict[str, int]) -> DeliveryOutcome:
-        for ds in datasets:
-            uid = str(ds.SOPInstanceUID)
+    def _store_all(self, assoc: Association, files: list[_File], statuses: dict[str, int]) -> DeliveryOutcome:
+        for f in files:
+            uid = str(f.header.SOPInstanceUID)
             try:
-                rsp = assoc.send_c_store(ds)
+                rsp = _send_file(assoc, f)
             except ValueError as exc:           # no accepted context fits this file's class/syntax
                 return DeliveryOutcome(ok=False, retryable=False, reason=f"{self.destination}: {exc}")
+            except (InvalidDicomError, OSError) as exc:
+                return DeliveryOutcome(ok=False, retryable=False, reason=f"output file unreadable: {exc}")
             if not rsp or "Status" not in rsp:  # timeout, abort or invalid response
                 return DeliveryOutcome(ok=False, retryable=True,
                                        reason=f"no C-STORE response from {self.destination}")
@@ -281,6 +345,37 @@ class DicomForwardChannel:
 
 class _Undeliverable(Exception):
     """The payload cannot be delivered however often it is tried."""
+
+
+@dataclass(frozen=True)
+class _File:
+    path: Path
+    header: Dataset            # file meta + the attributes the request and the audit record need
+    data: bytes | None = None  # the decrypted file, when the store encrypts (else read from ``path``)
+
+
+_HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "PatientID", "StudyInstanceUID")
+_CHUNKED = threading.Lock()    # pynetdicom reads its send mode from a module setting
+
+
+def _send_file(assoc: Association, f: _File) -> Dataset:
+    """C-STORE one file. When the peer accepted the file's own transfer syntax its data set is
+    streamed from disk as it is (pynetdicom's chunked sending): no decoding, no re-encoding;
+    otherwise it is read and converted to the accepted syntax. A decrypted file goes from memory."""
+    if f.data is not None:
+        return assoc.send_c_store(dcmread(BytesIO(f.data)))
+    sop_class, syntax = str(f.header.SOPClassUID), str(f.header.file_meta.TransferSyntaxUID)
+    as_is = any(str(cx.abstract_syntax) == sop_class and str(cx.transfer_syntax[0]) == syntax
+                for cx in assoc.accepted_contexts)
+    if not as_is:
+        return assoc.send_c_store(dcmread(f.path))
+    with _CHUNKED:
+        chunked = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            return assoc.send_c_store(f.path)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = chunked
 
 
 def _short(uid: str) -> str:

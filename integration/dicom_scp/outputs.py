@@ -22,26 +22,33 @@ Errors::
 from __future__ import annotations
 
 import copy
+import dataclasses
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from io import BytesIO
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset, dcmread
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DS, TM
 
 import dermgate
-from dermgate.durable import private_dir, write_atomic
+from dermgate.durable import Deferred, private_dir, sync_all, write_atomic, write_deferred
 from dermgate.records import Outputs
 from inference.result import CLASSES, DISCLAIMER, Prediction, Risk
 from integration.dicom_scp import uids
@@ -75,6 +82,7 @@ _TYPE2_KEYWORDS = (
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "dermgate.integration.dicom_scp.outputs")
 _UID_SEPARATOR = "\x1f"
 _LOSSY_TRANSFER_SYNTAXES = (uids.JPEG_BASELINE, uids.JPEG_EXTENDED, uids.JPEG_2000)
+_VERIFIED_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _RISK_CODES = {Risk.LOW: uids.LOW_RISK, Risk.MEDIUM: uids.MODERATE_RISK, Risk.HIGH: uids.HIGH_RISK,
                Risk.NOT_ASSESSABLE: uids.NOT_ASSESSABLE}
 
@@ -86,12 +94,19 @@ class Files(Protocol):
 
     def read_at(self, path: Path) -> bytes: ...
 
+    def stage_at(self, path: Path, data: bytes) -> Deferred:
+        """``write_at`` without the fsyncs: in place at once, durable once the result is synced."""
+        ...
+
 
 class PlainFiles:
     """Files in the clear, written atomically and durably."""
 
     def write_at(self, path: Path, data: bytes) -> Path:
         return write_atomic(path, data)
+
+    def stage_at(self, path: Path, data: bytes) -> Deferred:
+        return write_deferred(path, data)
 
     def read_at(self, path: Path) -> bytes:
         return Path(path).read_bytes()
@@ -111,22 +126,32 @@ class OutputVerificationError(OutputError):
 
 @dataclass(frozen=True)
 class WrittenOutputs:
-    """The files written for one image, and the datasets as read back from them."""
-    sc: Dataset
-    sr: Dataset
+    """The files written for one image; ``sc`` and ``sr`` parse them back when asked (tests, tools)."""
     sc_path: Path
     sr_path: Path
     png_path: Path
     png: bytes
+    sc_sop_instance_uid: str
+    sr_sop_instance_uid: str
+    files: Files = dataclasses.field(default_factory=lambda: PlainFiles(), repr=False, compare=False)
     source_frames: int = 1
+    pending: tuple[Deferred, ...] = ()
+
+    @cached_property
+    def sc(self) -> Dataset:
+        return dcmread(BytesIO(self.files.read_at(self.sc_path)))
+
+    @cached_property
+    def sr(self) -> Dataset:
+        return dcmread(BytesIO(self.files.read_at(self.sr_path)))
 
     def to_record(self, store_root: Path) -> Outputs:
         """The core's record, with paths relative to the store root."""
         return Outputs(
             sc_path=str(self.sc_path.relative_to(store_root)),
-            sc_sop_instance_uid=str(self.sc.SOPInstanceUID),
+            sc_sop_instance_uid=self.sc_sop_instance_uid,
             sr_path=str(self.sr_path.relative_to(store_root)),
-            sr_sop_instance_uid=str(self.sr.SOPInstanceUID),
+            sr_sop_instance_uid=self.sr_sop_instance_uid,
             cam_png_path=str(self.png_path.relative_to(store_root)),
             source_frames=self.source_frames,
         )
@@ -150,13 +175,17 @@ def write_outputs(
     image_rgb: npt.NDArray[np.uint8] | None = None,
     now: datetime | None = None,
     files: Files | None = None,
+    sync: bool = True,
 ) -> WrittenOutputs:
-    """Render, build, write and read back the SC, the SR and the heatmap PNG for one image.
+    """Render, build, encode, write and verify the SC, the SR and the heatmap PNG for one image.
 
     ``out_dir`` is this image's own folder. ``image_rgb`` is the decoded source (RGB,
     its first frame); when omitted, the source's pixel data is decoded here. ``files``
     writes and reads them back (the object store, which encrypts when configured);
-    plain files when omitted.
+    plain files when omitted. Each object is encoded once; what reads back from disk is
+    then compared byte for byte with it. With ``sync=False`` the files are in place but
+    not yet fsynced: the caller syncs ``pending`` (several images at once) before it
+    records them anywhere.
     """
     files = files or PlainFiles()
     header = _header(source)
@@ -165,13 +194,25 @@ def write_outputs(
     frames = frame_count(header)
     note = Outputs.note_for(frames)
     rendered = render_heatmap(rgb, prediction, notes=[note] if note else [])
-    private_dir(out_dir)
-    sc = write_verified(build_secondary_capture(header, rendered, prediction, now=now), out_dir / SC_FILE, files)
-    sr = write_verified(build_ai_sr(header, prediction, sc, now=now), out_dir / SR_FILE, files)
+    sc = build_secondary_capture(header, rendered, prediction, now=now)
+    sr_bytes = encode_ai_sr(header, prediction, sc, now=now)
+    sr_uid = derived_uid(header.SOPInstanceUID, prediction.model.device_uid, "sr")
     png = encode_png(rendered)
-    files.write_at(out_dir / PNG_FILE, png)
-    return WrittenOutputs(sc=sc, sr=sr, sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE,
-                          png_path=out_dir / PNG_FILE, png=png, source_frames=frames)
+    private_dir(out_dir)
+    pending: list[Deferred] = []
+    try:
+        pending.append(write_checked(encode(sc), out_dir / SC_FILE, files))
+        pending.append(write_checked(sr_bytes, out_dir / SR_FILE, files))
+        pending.append(files.stage_at(out_dir / PNG_FILE, png))
+        if sync:
+            sync_all(pending)
+    except BaseException:
+        for d in pending:
+            d.close()
+        raise
+    return WrittenOutputs(sc_path=out_dir / SC_FILE, sr_path=out_dir / SR_FILE, png_path=out_dir / PNG_FILE,
+                          png=png, sc_sop_instance_uid=str(sc.SOPInstanceUID), sr_sop_instance_uid=str(sr_uid),
+                          files=files, source_frames=frames, pending=() if sync else tuple(pending))
 
 
 def build_secondary_capture(
@@ -236,15 +277,54 @@ def build_secondary_capture(
 
 
 def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: datetime | None = None) -> Dataset:
-    """The AI result as a Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR)."""
+    """The AI result as a Comprehensive 3D SR with a TID 1500 Measurement Report (IHE AIR).
+
+    Every sequence and item has undefined length (delimited), so each part of the
+    tree encodes the same wherever it stands; :func:`encode_ai_sr` relies on that.
+    """
     source = _header(source)
     now = now or datetime.now(timezone.utc)
+    root = _sr_content(source, prediction)
+    sr = _sr_document(source, prediction, sc, now, root)
+    sr.ContentSequence = root.ContentSequence
+    _undefined_lengths(sr)
+    return sr
+
+
+def encode_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: datetime | None = None) -> bytes:
+    """``encode(build_ai_sr(...))``, byte for byte, at a fraction of the cost.
+
+    The content tree (TID 1500: observer, 8 measurement groups, evaluations) is most of an
+    SR's cost to build and to encode, and for one model it takes a handful of shapes (top
+    class, risk, flags, source SOP class, frames, character set). Each shape is built once
+    with highdicom from the first image that has it, encoded, and the bytes of its
+    per-image values (tracking UIDs, source reference, probabilities, scores, the
+    not-assessable reason) located; an image then costs its document module (highdicom,
+    without the tree) plus those few values spliced in. tests/integration/dicom_scp/
+    test_outputs.py compares the two paths on many predictions.
+    """
+    source = _header(source)
+    now = now or datetime.now(timezone.utc)
+    template = _ContentTemplate.for_image(source, prediction)
+    hd.sr.SourceImageForMeasurementGroup.from_source_image(source)     # highdicom's checks of the source
+    sr = _sr_document(source, prediction, sc, now, template.shell)
+    sr.ContentSequence = []
+    _undefined_lengths(sr)
+    document = encode(sr)
+    empty = _element_bytes(sr["ContentSequence"], [])
+    head, found, tail = document.partition(empty)
+    if not found or empty in tail:
+        raise OutputError("SR document encoding has no single empty content sequence to fill")
+    return head + template.render(source, prediction) + tail
+
+
+def _sr_content(source: Dataset, prediction: Prediction) -> Dataset:
+    """The root CONTAINER of the SR: observation context, measurement groups, qualitative evaluations."""
     model = prediction.model
-    device_uid = model.device_uid
     observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=model.name, manufacturer_name=model.manufacturer, model_name=model.name),
+            uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer, model_name=model.name),
     ))
     report = hd.sr.MeasurementReport(
         observation_context=observer,
@@ -252,12 +332,29 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
         imaging_measurements=_measurement_groups(source, prediction),
         title=uids.IMAGING_MEASUREMENT_REPORT,
     )
-    report[0].ContentSequence.append(_qualitative_evaluations(prediction, frame_count(source)))
+    root = report[0]
+    root.ContentSequence.append(_qualitative_evaluations(prediction, frame_count(source)))
+    return root
+
+
+def _sr_document(source: Dataset, prediction: Prediction, sc: Dataset, now: datetime, root: Dataset) -> Dataset:
+    """The SR document around ``root``'s container attributes; its content items are not copied in."""
+    model = prediction.model
+    device_uid = model.device_uid
+    # highdicom deep-copies and re-parses the content tree it is given and searches it for
+    # references (most of the cost of an SR, ~10x the rest): it gets the root container
+    # without its items, which the caller then puts in. The tree only references the source
+    # image, which is evidence, so what highdicom checks there holds by construction.
+    shell = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = []
     # The SC is evidence, not a source: it lists in the Current Requested Procedure
     # Evidence Sequence as an instance created for this procedure (PS3.3 C.17.2.3).
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, sc],
-        content=report[0],
+        content=shell,
         series_instance_uid=derived_uid(source.SeriesInstanceUID, device_uid, "sr-series"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(source.SOPInstanceUID, device_uid, "sr"),
@@ -274,22 +371,186 @@ def build_ai_sr(source: Dataset, prediction: Prediction, sc: Dataset, *, now: da
     return sr
 
 
-def write_verified(ds: Dataset, path: Path, files: Files | None = None) -> Dataset:
-    """Write ``ds`` atomically as a DICOM file and return what reads back from it."""
-    files = files or PlainFiles()
+def _undefined_lengths(ds: Dataset) -> None:
+    """Every sequence and item of ``ds`` written with undefined length (delimiters), recursively."""
+    for element in ds:
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for item in element.value:
+                item.is_undefined_length_sequence_item = True
+                _undefined_lengths(item)
+
+
+def _element_bytes(element: Any, encodings: list[str]) -> bytes:
+    """One data element encoded on its own (Explicit VR Little Endian): with undefined-length
+    sequences and items, exactly the bytes it has inside any data set."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, element, encodings or [default_encoding])
+    return fp.getvalue()
+
+
+_SENTINEL_SOURCE_UID = "1.2.826.0.1.3680043.10.1099.999999.424242.1"
+_SENTINEL_REASON = "dermgate sentinel: not-assessable reason, replaced per image"
+
+
+class _ContentTemplate:
+    """The encoded content sequence of one SR shape, and where its per-image values sit in it."""
+
+    _cache: dict[tuple[Any, ...], _ContentTemplate] = {}
+    _lock = threading.Lock()
+    MAX_SHAPES = 4096
+
+    @classmethod
+    def key(cls, source: Dataset, prediction: Prediction) -> tuple[Any, ...]:
+        return (prediction.model, prediction.assessable, prediction.top_class if prediction.assessable else None,
+                prediction.risk, prediction.low_confidence, prediction.reason is not None, tuple(prediction.probabilities),
+                prediction.ood_score is not None, prediction.out_of_distribution, frame_count(source),
+                str(source.SOPClassUID), str(source.get("SpecificCharacterSet", "")))
+
+    @classmethod
+    def for_image(cls, source: Dataset, prediction: Prediction) -> _ContentTemplate:
+        key = cls.key(source, prediction)
+        with cls._lock:
+            found = cls._cache.get(key)
+        if found is None:
+            found = cls(source, prediction)
+            with cls._lock:
+                if len(cls._cache) >= cls.MAX_SHAPES:
+                    cls._cache.clear()
+                cls._cache[key] = found
+        return found
+
+    def __init__(self, source: Dataset, prediction: Prediction) -> None:
+        self.encodings = convert_encodings(source.get("SpecificCharacterSet"))
+        fake_source = Dataset()
+        for element in source:                           # the header: what the content tree may look at
+            if element.tag < 0x7FE00000 and element.keyword != "SOPInstanceUID":
+                fake_source.add(element)
+        fake_source.SOPInstanceUID = _SENTINEL_SOURCE_UID   # a new element: the source's is shared
+        fake = _sentinel_prediction(prediction)
+        root = _sr_content(fake_source, fake)
+        self.shell = Dataset()
+        for element in root:
+            if element.keyword != "ContentSequence":
+                self.shell.add(element)
+        _undefined_lengths(root)
+        content = root["ContentSequence"]
+        template = _element_bytes(content, self.encodings)
+        wanted = {(tag, str(value)): slot for slot, (tag, value) in _slot_values(fake_source, fake).items()}
+        found: dict[bytes, tuple[str, int, str]] = {}     # element bytes -> (slot, tag, VR)
+        for element in _walk(root):
+            slot = wanted.get((int(element.tag), str(element.value)))
+            if slot is not None:
+                found[_element_bytes(element, self.encodings)] = (slot, int(element.tag), element.VR)
+        cuts: list[tuple[int, int, str, int, str]] = []
+        for blob, (slot, tag, vr) in found.items():
+            start = template.find(blob)
+            while start >= 0:
+                cuts.append((start, start + len(blob), slot, tag, vr))
+                start = template.find(blob, start + len(blob))
+        cuts.sort()
+        if any(a[1] > b[0] for a, b in zip(cuts, cuts[1:])):
+            raise OutputError("SR template: overlapping value slots")
+        missing = set(wanted.values()) - {c[2] for c in cuts}
+        if missing:
+            raise OutputError(f"SR template: values not found in the encoded tree: {sorted(missing)}")
+        self.pieces: list[bytes] = []
+        self.slots: list[tuple[str, int, str]] = []
+        at = 0
+        for start, end, slot, tag, vr in cuts:
+            self.pieces.append(template[at:start])
+            self.slots.append((slot, tag, vr))
+            at = end
+        self.pieces.append(template[at:])
+
+    def render(self, source: Dataset, prediction: Prediction) -> bytes:
+        values = {slot: value for slot, (_, value) in _slot_values(source, prediction).items()}
+        out = [self.pieces[0]]
+        for (slot, tag, vr), piece in zip(self.slots, self.pieces[1:]):
+            out.append(_element_bytes(DataElement(tag, vr, values[slot]), self.encodings))
+            out.append(piece)
+        return b"".join(out)
+
+
+def _sentinel_prediction(p: Prediction) -> Prediction:
+    """``p`` with every number and the reason replaced by values found nowhere else in an SR,
+    keeping what decides the tree's shape (top class, risk, flags)."""
+    top = p.top_class
+    probabilities = {c: (0.6 + 0.0001 * i if c == top else 0.011 + 0.0111 * i)
+                     for i, c in enumerate(p.probabilities)}
+    return dataclasses.replace(p, probabilities=probabilities, malignancy_probability=0.1234567,
+                               uncertainty=0.7654321, reason=_SENTINEL_REASON if p.reason is not None else None,
+                               ood_score=0.2345678 if p.ood_score is not None else None, cam=None)
+
+
+def _slot_values(source: Dataset, p: Prediction) -> dict[str, tuple[int, Any]]:
+    """The per-image values of the content tree, by slot: (tag, value as highdicom sets it)."""
+    device = p.model.device_uid
+    sop = str(source.SOPInstanceUID)
+    values: dict[str, tuple[int, Any]] = {"source": (0x00081155, sop)}          # ReferencedSOPInstanceUID
+    labels = ["summary"] + ([f"class {c}" for c in CLASSES if c in p.probabilities] if p.assessable else [])
+    for label in labels:
+        values[f"tracking {label}"] = (0x0040A124, str(derived_uid(sop, device, "tracking", label)))   # UID
+    if p.assessable:
+        numbers = {"malignancy": _percent(p.malignancy_probability), "uncertainty": round(float(p.uncertainty), 4),
+                   **{f"class {c}": _percent(p.probabilities[c]) for c in CLASSES if c in p.probabilities}}
+        if p.ood_score is not None:
+            numbers["ood"] = round(float(p.ood_score), 4)
+        for name, number in numbers.items():
+            values[f"ds {name}"] = (0x0040A30A, DS(number, auto_format=True))        # NumericValue
+            values[f"fd {name}"] = (0x0040A161, number)                            # FloatingPointValue
+    elif p.reason is not None:
+        values["reason"] = (0x0040A160, (p.reason or "unspecified")[:1024])         # TextValue
+    return values
+
+
+def _walk(ds: Dataset) -> Iterable[Any]:
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from _walk(item)
+        else:
+            yield element
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file, checked by parsing its identifying attributes back."""
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    files.write_at(path, buf.getvalue())
-    back = dcmread(BytesIO(files.read_at(path)))
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+    data = buf.getvalue()
+    back = dcmread(BytesIO(data), specific_tags=list(_VERIFIED_KEYWORDS))
+    for keyword in _VERIFIED_KEYWORDS:
         if back.get(keyword) != ds.get(keyword):
-            raise OutputVerificationError(f"{path.name}: {keyword} did not read back as written")
-    if "PixelData" in ds and len(back.PixelData) != len(ds.PixelData) + len(ds.PixelData) % 2:
-        raise OutputVerificationError(f"{path.name}: pixel data did not read back as written")
-    return back
+            raise OutputVerificationError(f"{keyword} did not encode as built")
+    return data
 
 
-# --- the shared helper: modules every output copies or fills -------------------
+def write_verified(ds: Dataset, path: Path, files: Files | None = None, *, sync: bool = True) -> Deferred:
+    """Write ``ds`` atomically as a DICOM file; what is on disk must be, byte for byte, what was encoded.
+
+    Durable on return with ``sync`` (the default); otherwise the caller syncs the returned
+    :class:`~dermgate.durable.Deferred` (and closes it) before relying on the file.
+    """
+    written = write_checked(encode(ds), path, files)
+    if sync:
+        sync_all([written])
+    return written
+
+
+def write_checked(data: bytes, path: Path, files: Files | None = None) -> Deferred:
+    """Put ``data`` at ``path`` through ``files`` (renamed into place, not yet fsynced) and read it
+    back: it must be byte for byte what was encoded (decrypted first when the store encrypts)."""
+    files = files or PlainFiles()
+    written = files.stage_at(path, data)
+    try:
+        if files.read_at(path) != data:
+            raise OutputVerificationError(f"{path.name}: the file did not read back as written")
+    except BaseException:
+        written.close()
+        raise
+    return written
+
 
 def _new_instance(source: Dataset, prediction: Prediction, now: datetime, *, sop_class_uid: str,
                   sop_instance_uid: str, series_uid: str, series_number: int, modality: str,

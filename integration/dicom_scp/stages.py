@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
+from dermgate.durable import Deferred
 from dermgate.records import ImageRef, Outputs
 from dermgate.store import ObjectStore
 from inference.result import Prediction
@@ -40,6 +41,6 @@ class DicomRenderer:
         self.store = store          # every file goes through it: encrypted at rest when configured
 
     def render(self, source: Dataset, prediction: Prediction, folder: Path,
-               image_rgb: np.ndarray | None) -> Outputs:
-        return write_outputs(source, prediction, folder, image_rgb=image_rgb,
-                             files=self.store).to_record(self.store.root)
+               image_rgb: np.ndarray | None) -> tuple[Outputs, tuple[Deferred, ...]]:
+        written = write_outputs(source, prediction, folder, image_rgb=image_rgb, files=self.store, sync=False)
+        return written.to_record(self.store.root), written.pending

@@ -19,6 +19,8 @@ from datetime import datetime
 from io import BytesIO
 from typing import Any
 
+import cv2
+import numpy as np
 from fpdf import FPDF
 
 from dermgate.records import ImageRef
@@ -30,6 +32,8 @@ MALIGNANT_RGB = (178, 24, 43)
 BENIGN_RGB = (33, 102, 172)
 MARGIN_MM = 18.0
 PAGE_W_MM = 210.0
+PICTURE_MAX_PX = 480            # the heatmap is printed 80 mm wide: 150 dpi
+PICTURE_JPEG_QUALITY = 90
 
 
 def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *, issued: datetime,
@@ -67,7 +71,7 @@ def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *
     top = pdf.get_y()
     pdf.set_font("Helvetica", "", 9)
     pdf.cell(80, 5, "Grad-CAM heatmap: regions that drove the result", new_x="LMARGIN", new_y="NEXT")
-    pdf.image(BytesIO(cam_png), x=MARGIN_MM, y=top + 6, w=80)
+    pdf.image(_picture(cam_png), x=MARGIN_MM, y=top + 6, w=80)
     _bars(pdf, prediction, x=MARGIN_MM + 92, y=top, w=width - 92)
 
     pdf.set_xy(MARGIN_MM, 205)
@@ -77,6 +81,20 @@ def render_report_pdf(image: ImageRef, prediction: Prediction, cam_png: bytes, *
     pdf.set_font("Helvetica", "B", 10)
     pdf.multi_cell(width, 5, "\n".join(textwrap.wrap(DISCLAIMER + " " + BANNER, 100)))
     return bytes(pdf.output())
+
+
+def _picture(cam_png: bytes) -> BytesIO:
+    """The heatmap for the page: JPEG at print resolution. fpdf embeds a JPEG as it is
+    (DCTDecode) but decodes and deflates a PNG again, which was most of the PDF's cost;
+    the lossless heatmap stays in the FHIR report's PNG and in the Secondary Capture."""
+    bgr = cv2.imdecode(np.frombuffer(cam_png, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        return BytesIO(cam_png)                      # not a PNG: fpdf says what is wrong with it
+    if bgr.shape[1] > PICTURE_MAX_PX:
+        height = max(1, round(bgr.shape[0] * PICTURE_MAX_PX / bgr.shape[1]))
+        bgr = cv2.resize(bgr, (PICTURE_MAX_PX, height), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, PICTURE_JPEG_QUALITY])
+    return BytesIO(buf.tobytes() if ok else cam_png)
 
 
 def _bars(pdf: FPDF, p: Prediction, *, x: float, y: float, w: float) -> None:

@@ -187,6 +187,17 @@ def test_missing_model_or_manifest_is_a_load_error(tmp_path: Path) -> None:
         Engine(d)
 
 
+def test_io_binding_gives_the_same_answers(samples: list[Sample]) -> None:
+    """The IO-binding path (the default on a GPU provider) runs the same graph: same logits, same CAMs."""
+    images = [s.image() for s in samples[:4]]
+    bound = Engine(intra_op_threads=1, io_binding=True)
+    plain = Engine(intra_op_threads=1, io_binding=False)
+    assert bound.io_binding and not plain.io_binding
+    for a, b in zip(bound.predict(images), plain.predict(images)):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+        assert np.allclose(a.cam, b.cam, atol=1e-6)
+
+
 def test_engine_accepts_the_onnx_file_path_too(engine: Engine) -> None:
     other = Engine(engine.onnx_path, warmup=False)
     assert other.model_info == engine.model_info
@@ -199,6 +210,7 @@ def test_model_identity_and_providers(engine: Engine) -> None:
     assert info.device_uid.startswith("2.25.") and len(info.device_uid) <= 64
     assert device_uid("0" * 64) != info.device_uid
     assert "CPUExecutionProvider" in engine.providers  # CI has no GPU; CUDA would come first when present
+    assert engine.io_binding is (engine.providers[0] != "CPUExecutionProvider")
 
 
 def test_manifest_cut_offs_are_ordered(engine: Engine) -> None:

@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from dermgate.db import Instance, Job, create_schema, make_engine, make_sessionmaker
+from dermgate.groupcommit import GroupCommit
 from dermgate.intake import Intake
 from dermgate.settings import AllowedCaller, DicomSettings
 from dermgate.store import ObjectStore
@@ -112,12 +113,17 @@ def running_scp(root: Path, cfg: DicomSettings, *, intake: Intake | None = None,
     sessions = make_sessionmaker(engine)
     store = store or ObjectStore(root / "store")
     audit = ListAudit()
-    service = DicomService(cfg, intake or Intake(store, sessions), audit, store, coalesce_s=coalesce_s)
+    # As the service wires it: group commit of the intake and the audit records (dermgate/groupcommit.py).
+    group = GroupCommit(store, sessions, audit) if intake is None else None
+    service = DicomService(cfg, intake or group.intake, group.audit if group else audit,  # type: ignore[union-attr]
+                           store, coalesce_s=coalesce_s)
     service.start()
     try:
         yield Harness(service, audit, store, sessions, root)
     finally:
         service.stop(timeout=5)
+        if group is not None:
+            group.close()
         engine.dispose()
 
 

@@ -93,6 +93,61 @@ def test_redelivery_stores_nothing_twice(orthanc: OrthancPeer, tmp_path: Path) -
     assert len(orthanc.study_instances(source.StudyInstanceUID)) == 2
 
 
+def test_one_association_serves_consecutive_deliveries(orthanc: OrthancPeer, tmp_path: Path) -> None:
+    """The association of a delivery is kept for the next one (a few seconds), then released."""
+    channel = _channel(orthanc, base_dir=tmp_path)
+    payloads = []
+    for name in ("keep1", "keep2"):
+        _, out = _outputs(tmp_path, name)
+        payloads.append({"files": [str(out.sc_path), str(out.sr_path)]})
+    assert channel.deliver(payloads[0]).ok
+    first = channel._assoc
+    assert first is not None and first.is_established
+    assert channel.deliver(payloads[1]).ok
+    assert channel._assoc is first
+    channel.close()
+    assert channel._assoc is None and not first.is_established
+
+
+def test_a_peer_that_drops_the_kept_association_costs_no_failed_attempt(orthanc: OrthancPeer,
+                                                                        tmp_path: Path) -> None:
+    """If the kept association is gone (the PACS timed it out), the delivery opens a new one."""
+    channel = _channel(orthanc, base_dir=tmp_path)
+    _, out = _outputs(tmp_path, "dropped")
+    payload = {"files": [str(out.sc_path), str(out.sr_path)]}
+    assert channel.deliver(payload).ok
+    assert channel._assoc is not None
+    channel._assoc.abort()
+    assert channel.deliver(payload).ok
+
+
+def test_a_peer_without_our_transfer_syntax_gets_the_file_converted(tmp_path: Path) -> None:
+    """Files normally travel as they are on disk; a peer that accepts only Implicit VR Little Endian
+    gets them read and re-encoded, with the same content."""
+    from pynetdicom import AE, evt
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="IMPLICIT")
+    for sop_class in (uids.SECONDARY_CAPTURE_IMAGE_STORAGE, uids.COMPREHENSIVE_3D_SR_STORAGE):
+        ae.add_supported_context(sop_class, [uids.IMPLICIT_VR_LE])
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        _, out = _outputs(tmp_path, "implicit")
+        channel = DicomForwardChannel(dest_name="implicit", ae_title="IMPLICIT", host="127.0.0.1",
+                                      port=server.server_address[1], acse_timeout=5, dimse_timeout=10,
+                                      network_timeout=10, connection_timeout=5)
+        assert channel.deliver({"files": [str(out.sc_path), str(out.sr_path)]}).ok
+        channel.close()
+    finally:
+        server.shutdown()
+    assert [str(ds.SOPInstanceUID) for ds in received] == [out.sc_sop_instance_uid, out.sr_sop_instance_uid]
+    assert received[0].PixelData == out.sc.PixelData
+
+
 def test_jpeg_source_travels_in_its_own_jpeg_baseline_context(orthanc: OrthancPeer, tmp_path: Path) -> None:
     """A JPEG Baseline image is sent as JPEG (its own presentation context), not decompressed."""
     source_path = img2dcm(sample_jpeg(), tmp_path / "jpeg.dcm", patient_id="DG-jpeg")

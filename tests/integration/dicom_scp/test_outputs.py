@@ -202,6 +202,98 @@ def test_rerun_writes_the_same_instances_and_a_new_model_new_ones(source: Datase
     assert len({written.sc.SOPInstanceUID, written.sr.SOPInstanceUID, source.SOPInstanceUID}) == 3
 
 
+def _sr_the_long_way(source: Dataset, prediction, sc: Dataset) -> Dataset:  # noqa: ANN001
+    """build_ai_sr as written before it handed highdicom an empty root container: the whole tree."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from integration.dicom_scp import outputs as o
+    model = prediction.model
+    observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid, name=model.name, manufacturer_name=model.manufacturer, model_name=model.name)))
+    report = hd.sr.MeasurementReport(observation_context=observer,
+                                     procedure_reported=uids.DERMOSCOPIC_PHOTOGRAPHY_PROCEDURE,
+                                     imaging_measurements=o._measurement_groups(source, prediction),
+                                     title=uids.IMAGING_MEASUREMENT_REPORT)
+    report[0].ContentSequence.append(o._qualitative_evaluations(prediction))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source, sc], content=report[0],
+        series_instance_uid=o.derived_uid(source.SeriesInstanceUID, model.device_uid, "sr-series"),
+        series_number=o.SR_SERIES_NUMBER, sop_instance_uid=o.derived_uid(source.SOPInstanceUID, model.device_uid, "sr"),
+        instance_number=int(source.get("InstanceNumber") or 1), manufacturer=o.EQUIPMENT_MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False, series_description=f"AI result ({model.name})")
+    o._fill_common(sr, source, prediction, NOW)
+    sr.ContentDate = NOW.strftime("%Y%m%d")
+    sr.ContentTime = NOW.strftime("%H%M%S")
+    return sr
+
+
+@pytest.fixture
+def frozen_highdicom_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """highdicom stamps its own Contribution DateTime with its clock: fixed, so two builds compare."""
+    import datetime as dt
+    import types
+
+    import highdicom.base_content
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> Frozen:  # noqa: ANN102
+            return cls(2025, 3, 4, 12, 30, 15, 123456)
+
+    monkeypatch.setattr(highdicom.base_content, "datetime",
+                        types.SimpleNamespace(datetime=Frozen, date=dt.date, time=dt.time))
+
+
+def _predictions(shape: tuple[int, int]) -> list:  # noqa: ANN401
+    """Predictions of every kind: random probabilities (several top classes), low confidence,
+    not assessable with and without a reason."""
+    import random
+
+    from inference.result import CLASSES, Risk
+    out = [synthetic_prediction(*shape), synthetic_prediction(*shape, low_confidence=True),
+           synthetic_prediction(*shape, assessable=False),
+           dataclasses.replace(synthetic_prediction(*shape, assessable=False), reason=None)]
+    rng = random.Random(15)
+    for _ in range(12):
+        weights = [rng.random() ** 3 for _ in CLASSES]
+        probs = {c: w / sum(weights) for c, w in zip(CLASSES, weights)}
+        out.append(dataclasses.replace(out[0], probabilities=probs, malignancy_probability=rng.random(),
+                                       uncertainty=rng.random(), risk=rng.choice([Risk.LOW, Risk.MEDIUM, Risk.HIGH]),
+                                       low_confidence=rng.random() < 0.3))
+    return out
+
+
+def test_sr_is_byte_for_byte_what_highdicom_makes_of_the_whole_tree(source: Dataset,
+                                                                    frozen_highdicom_clock: None) -> None:
+    """Neither fast path changes a byte of the SR: highdicom given the root container without its
+    items (build_ai_sr), and the per-shape templates with the per-image values spliced in
+    (encode_ai_sr), both against highdicom building and encoding the whole tree."""
+    from integration.dicom_scp.outputs import _undefined_lengths, build_ai_sr, encode, encode_ai_sr
+    rgb = source.pixel_array
+    for prediction in _predictions(rgb.shape[:2]):
+        sc = build_secondary_capture(source, render_heatmap(rgb, prediction), prediction, now=NOW)
+        slow = _sr_the_long_way(source, prediction, sc)
+        _undefined_lengths(slow)
+        reference = encode(slow)
+        assert encode(build_ai_sr(source, prediction, sc, now=NOW)) == reference
+        assert encode_ai_sr(source, prediction, sc, now=NOW) == reference, prediction
+
+
+def test_written_files_are_the_encoded_objects_and_can_be_synced_later(source: Dataset, tmp_path: Path) -> None:
+    """With sync=False the files are in place (and what was encoded), their fsyncs left to the caller."""
+    from dermgate.durable import sync_all
+    rgb = source.pixel_array
+    out = write_outputs(source, synthetic_prediction(*rgb.shape[:2]), tmp_path, now=NOW, sync=False)
+    assert len(out.pending) == 3 and all(d.fd >= 0 for d in out.pending)
+    sync_all(out.pending)
+    assert all(d.fd == -1 for d in out.pending)
+    assert out.sc.SOPInstanceUID == out.sc_sop_instance_uid and out.sr.SOPInstanceUID == out.sr_sop_instance_uid
+    assert out.png_path.read_bytes() == out.png
+
+
 def test_source_without_study_uid_is_refused(source: Dataset) -> None:
     """Outputs are never written into an unknown study."""
     broken = source.copy()

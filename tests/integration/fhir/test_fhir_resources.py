@@ -55,6 +55,20 @@ def test_every_profile_builds_an_r4_valid_bundle(profile: ProfileName, fhir_sche
     fhir_schema.assert_valid(payload(profile)["bundle"])
 
 
+@pytest.mark.parametrize("profile", list(ProfileName))
+@pytest.mark.parametrize("kind", ["plain", "not-assessable", "low-confidence"])
+def test_bundle_is_what_the_bundle_model_makes_of_it(profile: ProfileName, kind: str) -> None:
+    """The builder skips validating the Bundle as a whole (its resources were validated one by one):
+    the R4B Bundle model must turn it into exactly the same JSON."""
+    import json
+
+    from fhir.resources.R4B.bundle import Bundle
+    prediction = synthetic_prediction(64, 64, assessable=kind != "not-assessable",
+                                      low_confidence=kind == "low-confidence")
+    bundle = payload(profile, prediction=prediction)["bundle"]
+    assert json.dumps(Bundle.model_validate(bundle).model_dump(mode="json")) == json.dumps(bundle)
+
+
 def test_schema_check_catches_a_bad_required_code_that_the_models_accept(fhir_schema: R4Schema) -> None:
     """fhir.resources does not check bindings; the R4 schema must (DiagnosticReport.status is required-bound)."""
     bundle = copy.deepcopy(payload()["bundle"])
