@@ -155,6 +155,7 @@ def test_the_worker_retries_a_job_whose_object_is_incomplete(sessions: sessionma
     from dermgate.db import JobState
     from dermgate.pipeline import Worker
     from dermgate.settings import WorkerSettings
+    from integration.dicom_scp.stages import DicomDecoder, DicomRenderer
     group = GroupCommit(store, sessions, ListAudit())
     res = group.intake.accept(b"complete object", image("11.1"), TS)
     group.close()
@@ -166,7 +167,8 @@ def test_the_worker_retries_a_job_whose_object_is_incomplete(sessions: sessionma
         def predict(self, images: list) -> list:       # noqa: ANN401
             raise AssertionError("a torn object reached the model")
 
-    worker = Worker(sessions, store, NoModel(), ListAudit(), [], WorkerSettings(max_attempts=3))
+    worker = Worker(sessions, store, NoModel(), ListAudit(), [], WorkerSettings(max_attempts=3),
+                    decoder=DicomDecoder(), renderer=DicomRenderer(store))
     assert worker.run_once() == 1
     with sessions() as s:
         job = s.get(Job, res.job_id)

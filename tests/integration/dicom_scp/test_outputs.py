@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from pydicom.valuerep import DA, TM
 from pydicom import Dataset, dcmread
 
 from integration.dicom_scp import uids
@@ -208,6 +209,7 @@ def _sr_the_long_way(source: Dataset, prediction, sc: Dataset) -> Dataset:  # no
     from pydicom.sr.codedict import codes
 
     from integration.dicom_scp import outputs as o
+    source = o._header(source)
     model = prediction.model
     observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -217,7 +219,7 @@ def _sr_the_long_way(source: Dataset, prediction, sc: Dataset) -> Dataset:  # no
                                      procedure_reported=uids.DERMOSCOPIC_PHOTOGRAPHY_PROCEDURE,
                                      imaging_measurements=o._measurement_groups(source, prediction),
                                      title=uids.IMAGING_MEASUREMENT_REPORT)
-    report[0].ContentSequence.append(o._qualitative_evaluations(prediction))
+    report[0].ContentSequence.append(o._qualitative_evaluations(prediction, o.frame_count(source)))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, sc], content=report[0],
         series_instance_uid=o.derived_uid(source.SeriesInstanceUID, model.device_uid, "sr-series"),
@@ -225,8 +227,8 @@ def _sr_the_long_way(source: Dataset, prediction, sc: Dataset) -> Dataset:  # no
         instance_number=int(source.get("InstanceNumber") or 1), manufacturer=o.EQUIPMENT_MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False, series_description=f"AI result ({model.name})")
     o._fill_common(sr, source, prediction, NOW)
-    sr.ContentDate = NOW.strftime("%Y%m%d")
-    sr.ContentTime = NOW.strftime("%H%M%S")
+    sr.ContentDate = DA(NOW.strftime("%Y%m%d"))
+    sr.ContentTime = TM(NOW.strftime("%H%M%S"))
     return sr
 
 
@@ -249,7 +251,7 @@ def frozen_highdicom_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _predictions(shape: tuple[int, int]) -> list:  # noqa: ANN401
     """Predictions of every kind: random probabilities (several top classes), low confidence,
-    not assessable with and without a reason."""
+    not assessable with and without a reason, with and without an OOD score, flagged or not."""
     import random
 
     from inference.result import CLASSES, Risk
@@ -263,6 +265,9 @@ def _predictions(shape: tuple[int, int]) -> list:  # noqa: ANN401
         out.append(dataclasses.replace(out[0], probabilities=probs, malignancy_probability=rng.random(),
                                        uncertainty=rng.random(), risk=rng.choice([Risk.LOW, Risk.MEDIUM, Risk.HIGH]),
                                        low_confidence=rng.random() < 0.3))
+    for i in range(6):                      # OOD scores (model 2.0.0 ships its statistics)
+        ood = rng.random() * 30
+        out.append(dataclasses.replace(out[4 + i], ood_score=ood, out_of_distribution=ood > 16.58))
     return out
 
 
