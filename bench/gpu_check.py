@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tensorrt-timeout", type=float, default=300.0, help="seconds for the TensorRT step")
     ap.add_argument("--workers", type=int, default=4, help="worker processes end to end (0: skip that step)")
     ap.add_argument("--images", type=int, default=2000, help="images end to end")
+    ap.add_argument("--scps", type=int, default=1, help="SCP processes end to end (one port each)")
+    ap.add_argument("--associations", type=int, default=4, help="concurrent C-STORE associations per SCP")
     ap.add_argument("--worker-batch", type=int, default=64, help="worker.batch_size end to end")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
@@ -217,8 +219,10 @@ def tensorrt(onnx_path: Path, batches: list[int], seconds: float, tta: bool, tim
 
 # ---- 5. end to end ---------------------------------------------------------------------------
 
-def end_to_end(workers: int, n_images: int, worker_batch: int, allow_cpu: bool) -> dict[str, Any]:
-    """1 SCP process + ``workers`` worker/dispatcher processes on one work dir; exactly once checked."""
+def end_to_end(workers: int, n_images: int, worker_batch: int, allow_cpu: bool, scps: int = 1,
+               associations: int = 4) -> dict[str, Any]:
+    """``scps`` SCP processes + ``workers`` worker/dispatcher processes on one work dir; exactly once checked.
+    The C-STOREs come from ``associations`` per SCP, each in its own process (one Python SCU is GIL-bound)."""
     from pydicom.uid import generate_uid
     from sqlalchemy import create_engine, func, select
 
@@ -246,26 +250,34 @@ def end_to_end(workers: int, n_images: int, worker_batch: int, allow_cpu: bool) 
                                       generate_uid(), i))
     work = root / "work"
     work.mkdir()
-    port = _free_port()
+    ports = [_free_port() for _ in range(scps)]
+    port = ports[0]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DERMGATE_")},
            "DERMGATE_WORKDIR": str(work), "DERMGATE_DATABASE_URL": db_url,
            "DERMGATE_FHIR_BUNDLE_DIR": str(work / "reports"), "DERMGATE_MODEL__THREADS": "2",
            "DERMGATE_WORKER__BATCH_SIZE": str(worker_batch), "DERMGATE_WORKER__POLL_INTERVAL_S": "0.05",
            "DERMGATE_DICOM__ALLOWED_CALLERS": '[{"ae_title": "GPUCHECK", "hosts": ["127.0.0.1"]}]',
-           "DERMGATE_DICOM__MIN_FREE_BYTES": str(64 * 2 ** 20), "DERMGATE_DICOM__PORT": str(port)}
+           "DERMGATE_DICOM__MIN_FREE_BYTES": str(64 * 2 ** 20), "DERMGATE_DICOM__PORT": str(port),
+           # 4 associations plus the readiness probe: above the default of 4 connections per host
+           "DERMGATE_DICOM__MAX_CONNECTIONS_PER_HOST": "16"}
     subprocess.run([sys.executable, "-m", "dermgate.cli", "migrate"], env=env, check=True, capture_output=True,
                    cwd=REPO)
     cmd = [sys.executable, "-m", "dermgate.cli", "serve"]
     logs = [open(root / f"serve-{i}.log", "wb") for i in range(workers + 1)]
-    procs = [subprocess.Popen([*cmd, "--roles", "scp"], env=env, cwd=REPO, stdout=logs[0], stderr=subprocess.STDOUT)]
-    procs += [subprocess.Popen([*cmd, "--roles", "worker,dispatcher"], env=env, cwd=REPO, stdout=logs[i + 1],
-                               stderr=subprocess.STDOUT) for i in range(workers)]
+    procs = [subprocess.Popen([*cmd, "--roles", "worker,dispatcher"], env=env, cwd=REPO, stdout=logs[i + 1],
+                              stderr=subprocess.STDOUT) for i in range(workers)]
+    scp_logs = [open(root / f"serve-scp-{i}.log", "wb") for i in range(scps)]
+    logs += scp_logs
+    scp_procs = [subprocess.Popen([*cmd, "--roles", "scp"], env={**env, "DERMGATE_DICOM__PORT": str(p)}, cwd=REPO,
+                                  stdout=scp_logs[i], stderr=subprocess.STDOUT) for i, p in enumerate(ports)]
+    procs = scp_procs + procs
     db = create_engine(db_url)
     try:
-        _wait_port(port, procs)
+        for p, proc in zip(ports, scp_procs):
+            _wait_port(p, [proc])
         _wait_workers_ready(root, workers, procs)
         t0 = time.monotonic()
-        _send(port, datasets, associations=4)
+        _send(ports, datasets, associations=associations)
         sent_s = time.monotonic() - t0
         while True:
             with db.connect() as c:
@@ -302,7 +314,7 @@ def end_to_end(workers: int, n_images: int, worker_batch: int, allow_cpu: bool) 
                         if line.startswith("{") and '"inference.engine_loaded"' in line})
     reports = len(list((work / "reports").glob("*.json")))
     exactly_once = jobs == delivered == sent_once == reports == n_images
-    return {"workers": workers, "images": n_images, "worker_batch": worker_batch, "database": db_url.split(":")[0],
+    return {"workers": workers, "scps": scps, "associations": associations * scps, "images": n_images, "worker_batch": worker_batch, "database": db_url.split(":")[0],
             "send_s": sent_s, "total_s": total, "images_per_s": n_images / total, "exactly_once": exactly_once,
             "jobs": jobs, "delivered": delivered, "reports": reports, "worker_providers": providers,
             "logs": str(root)}
@@ -343,36 +355,43 @@ def _wait_workers_ready(root: Path, workers: int, procs: list[subprocess.Popen[b
     raise RuntimeError("the workers did not start")
 
 
-def _send(port: int, datasets: list[Any], associations: int) -> None:
-    """C-STORE ``datasets`` over ``associations`` concurrent associations (threads: the SCU waits on I/O)."""
-    import threading
+def _send(ports: list[int], datasets: list[Any], associations: int) -> None:
+    """C-STORE ``datasets`` over ``associations`` concurrent associations to each port, each association
+    in its own process (forked: the datasets are inherited, and no SCU waits on another's GIL)."""
+    import multiprocessing
 
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    n = associations * len(ports)
+    chunks = [(ports[i % len(ports)], datasets[i::n]) for i in range(n) if datasets[i::n]]
+    procs = [ctx.Process(target=_send_one, args=(port, chunk, errors)) for port, chunk in chunks]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    if found or any(p.exitcode for p in procs):
+        raise RuntimeError(f"sending failed: {found[:3] or [p.exitcode for p in procs]}")
+
+
+def _send_one(port: int, chunk: list[Any], errors: Any) -> None:
     from pynetdicom import AE
-    errors: list[str] = []
-
-    def one(chunk: list[Any]) -> None:
-        ae = AE(ae_title="GPUCHECK")
-        ae.add_requested_context(chunk[0].SOPClassUID, [chunk[0].file_meta.TransferSyntaxUID])
-        assoc = ae.associate("127.0.0.1", port, ae_title="DERMGATE")
-        if not assoc.is_established:
-            errors.append("association refused")
-            return
-        try:
-            for ds in chunk:
-                rsp = assoc.send_c_store(ds)
-                if not rsp or rsp.Status != 0:
-                    errors.append(f"C-STORE status {getattr(rsp, 'Status', None)}")
-        finally:
-            assoc.release()
-
-    chunks = [datasets[i::associations] for i in range(associations) if datasets[i::associations]]
-    threads = [threading.Thread(target=one, args=(c,)) for c in chunks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"sending failed: {errors[:3]}")
+    ae = AE(ae_title="GPUCHECK")
+    ae.add_requested_context(chunk[0].SOPClassUID, [chunk[0].file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DERMGATE")
+    if not assoc.is_established:
+        errors.put("association refused")
+        return
+    try:
+        for ds in chunk:
+            rsp = assoc.send_c_store(ds)
+            if not rsp or rsp.Status != 0:
+                errors.put(f"C-STORE status {getattr(rsp, 'Status', None)}")
+                return
+    finally:
+        assoc.release()
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -409,10 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             figures["tensorrt"] = {"skipped": "not offered, not a GPU run, or --no-tensorrt"}
         if args.workers:
-            e2e = end_to_end(args.workers, args.images, args.worker_batch, args.allow_cpu)
+            e2e = end_to_end(args.workers, args.images, args.worker_batch, args.allow_cpu, args.scps,
+                             args.associations)
             figures["end_to_end"] = e2e
             print(f"end to end: {e2e['images_per_s']:.1f} images/s with {args.workers} worker processes "
-                  f"(batch {args.worker_batch}, {e2e['database']}, {e2e['images']} images, exactly once: "
+                  f"and {args.scps} SCP processes (batch {args.worker_batch}, {e2e['database']}, {e2e['images']} images, exactly once: "
                   f"{e2e['exactly_once']}; worker providers {e2e['worker_providers']}; {label}; "
                   f"target {TARGET_E2E:.0f} with 16 host cores)")
             if not e2e["exactly_once"]:
