@@ -202,8 +202,6 @@ def test_the_client_refuses_tls_below_1_2(certs):
     assert client_tls_context(certs[0]).minimum_version >= ssl.TLSVersion.TLSv1_2
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent under load: the TLS forwarder can lose signed records "
-                   "before the collector reads them (seen 3 of 5 after close); open defect, see the closing note")
 def test_the_collector_witnesses_the_chain_head_so_a_rollback_with_its_checkpoint_fails_verify(
         make_trail, collector, certs, audit_dir, tmp_path, keyring, signer):
     """Issue 12: the trail cut back to an earlier checkpoint (checkpoint.json rolled back with it, and no
