@@ -57,7 +57,7 @@ class MiniCollector:
     ``read_gate``: connections wait for it to be set before reading (a collector too busy to read).
     """
 
-    def __init__(self, cert: Path, key: Path, port: int = 0, read_gate: threading.Event | None = None) -> None:
+    def __init__(self, cert: Path, key: Path, *, port: int = 0, read_gate: threading.Event | None = None) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(cert), str(key))
         self.sock = socket.create_server(("127.0.0.1", port))
