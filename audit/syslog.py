@@ -273,8 +273,9 @@ class SyslogTlsForwarder:
         Left unread, those bytes would also turn our eventual close into a TCP reset that discards what the
         collector has not read yet.
         """
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable and not sock.pending():
+        poller = select.poll()                           # not select(): a busy service has descriptors past 1024
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0) and not sock.pending():
             return False
         timeout = sock.gettimeout()
         sock.settimeout(0)
