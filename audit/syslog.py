@@ -306,9 +306,13 @@ class SyslogTlsForwarder:
             pass                                         # reset, or no answer in time
         finally:
             try:
-                sock.close()
+                sock.shutdown(socket.SHUT_WR)            # also drops the TLS layer: what follows reads raw bytes
+                sock.settimeout(0)
+                while sock.recv(RECV_CHUNK):             # nothing left unread, so the close below is no reset
+                    pass
             except OSError:
                 pass
+            sock.close()
         return confirmed
 
     def _report_undelivered(self, outbox: deque[_Frame]) -> None:
