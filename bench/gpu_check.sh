@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh [--json gpu.json] [--batches 1 8 64 256] [--workers 4] [--images 2000] ...
 #   bash bench/gpu_check.sh --allow-cpu --batches 1 8 --seconds 1 --workers 1 --images 16   # dry run, no GPU
+#   GPU_CHECK_WHEELHOUSE=/path/to/wheels bash bench/gpu_check.sh ...                        # offline host
 #
 # Installs only what pyproject.toml declares (`pip install -e .`; onnxruntime-gpu is the declared
 # runtime) into $GPU_CHECK_VENV (default .venv-gpu, or the existing .venv when it has the project).
@@ -14,6 +15,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
+# An air-gapped GPU host (no package index): GPU_CHECK_WHEELHOUSE=DIR holds onnxruntime-gpu and the
+# project's dependencies that the host's Python lacks, as wheels (see docs/operations.md, "GPU").
+# They are installed without resolution into a private folder put first on PYTHONPATH, and the
+# check runs from this checkout with the host's python3 (its numpy, OpenCV, CUDA libraries).
+if [ -n "${GPU_CHECK_WHEELHOUSE:-}" ]; then
+  SITE=${GPU_CHECK_SITE:-$(mktemp -d)/site}
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$GPU_CHECK_WHEELHOUSE"/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "gpu_check: nvidia-smi not found" >&2
+  exec "$PY" -m bench.gpu_check "$@"
+fi
 VENV=${GPU_CHECK_VENV:-}
 if [ -z "$VENV" ]; then
   if [ -x .venv/bin/python ] && .venv/bin/python -c "import dermgate, onnxruntime" 2>/dev/null; then
