@@ -40,3 +40,17 @@ def test_allow_cpu_runs_every_step_and_labels_it_cpu(tmp_path: Path, capsys: pyt
     assert all(r["bare"] > 0 and r["engine_cam"] > 0 for r in figures["throughput"])
     printed = capsys.readouterr().out
     assert "NOT GPU figures" in printed and "CPU (dry run" in printed
+
+
+def test_allow_cpu_end_to_end_with_two_scps_is_exactly_once(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The end-to-end step as it runs on a GPU host: SCP and worker processes of `dermgate serve`
+    on one work dir, C-STOREs from forked SCUs spread over the SCPs; every image delivered once."""
+    out = tmp_path / "gpu.json"
+    status = gpu_check.main(["--allow-cpu", "--batches", "1", "--seconds", "0.1", "--no-tensorrt",
+                             "--workers", "1", "--scps", "2", "--associations", "1", "--images", "6",
+                             "--worker-batch", "4", "--json", str(out)])
+    assert status == 0, capsys.readouterr().err[-2000:]
+    e2e = json.loads(out.read_text())["end_to_end"]
+    assert e2e["exactly_once"] is True and e2e["images"] == e2e["delivered"] == e2e["reports"] == 6
+    assert e2e["scps"] == 2 and e2e["worker_providers"] == ["CPUExecutionProvider"]
