@@ -43,7 +43,8 @@ import secrets
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -64,6 +65,8 @@ KEY_ENV = "DERMGATE_STORE_KEY"                    # keyring JSON, base64 of it, 
 KEYRING_FILE = "store.key"
 _INFO = b"dermgate-store aes-256-gcm file key v1"
 _CHUNK = 1 << 20
+
+_W = TypeVar("_W")
 
 
 class StoreError(Exception):
@@ -149,10 +152,13 @@ class ObjectStore:
 
     def put(self, rel: str, data: bytes) -> Path:
         """Write ``data`` at ``rel`` atomically and durably (file and directory fsynced), encrypted if configured."""
+        return self._write(rel, data, write_atomic)
+
+    def _write(self, rel: str, data: bytes, writer: Callable[[Path, bytes], _W]) -> _W:
         rel = self.rel(Path(rel))
         blob = self.cipher.encrypt(rel, data) if self.cipher else data
         try:
-            return write_atomic(self.root / rel, blob)
+            return writer(self.root / rel, blob)
         except OSError as exc:
             raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
 
@@ -198,12 +204,7 @@ class ObjectStore:
 
     def stage(self, rel: str, data: bytes) -> Deferred:
         """:meth:`put` without its fsyncs: in place at once (atomic), durable once the result is synced."""
-        rel = self.rel(Path(rel))
-        blob = self.cipher.encrypt(rel, data) if self.cipher else data
-        try:
-            return write_deferred(self.root / rel, blob)
-        except OSError as exc:
-            raise StoreError(f"cannot write {rel}: {exc.strerror}") from exc
+        return self._write(rel, data, write_deferred)
 
     def stage_at(self, path: Path, data: bytes) -> Deferred:
         return self.stage(self.rel(path), data)
