@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -660,11 +661,22 @@ def _copy_lossy_history(source: Dataset, ds: Dataset) -> None:
 
 
 def _header(source: Dataset) -> Dataset:
-    """What the outputs may copy from ``source`` (see :func:`~integration.dicom_scp.header.source_header`)."""
+    """What the outputs may copy from ``source`` (see :func:`~integration.dicom_scp.header.source_header`).
+
+    A header made here is returned as it is when it comes back (write_outputs hands it to
+    each builder): building one costs about as much as encoding a small data set."""
+    if _HEADERS.get(id(source)) is source:
+        return source
     try:
-        return source_header(source)
+        header = source_header(source)
     except HeaderError as exc:
         raise SourceDatasetError(str(exc)) from exc
+    _HEADERS[id(header)] = header
+    return header
+
+
+# Headers made by _header, by id, held weakly: an id is only trusted while its header lives.
+_HEADERS: weakref.WeakValueDictionary[int, Dataset] = weakref.WeakValueDictionary()
 
 
 def _decode_rgb(source: Dataset) -> npt.NDArray[np.uint8]:
