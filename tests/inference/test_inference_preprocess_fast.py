@@ -1,0 +1,130 @@
+"""The fast preprocessing and TTA paths give exactly what the original code gave.
+
+The reference functions below are verbatim copies of ``inference/preprocess.py``
+and ``inference/engine.py`` at m15 (before the fast paths): training used them,
+so the served model must keep seeing the same tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from inference.engine import _VIEW_FN, D8_VIEWS, TTA_VIEWS, Engine, load_image, tta_batch
+from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise, prepare, resize_square, shades_of_gray
+from tests.inference.sampledata import load_samples
+
+INPUT_SIZE = 160
+# Float32 rounding of the model's outputs when the same input tensor is laid out differently
+PROBABILITY_ATOL = 1e-5
+ODD_SIZES = ((1, 1), (7, 3), (64, 65), (97, 131), (150, 200), (161, 159), (450, 600))
+
+
+def reference_shades_of_gray(img: npt.NDArray[np.uint8], p: int = 6) -> npt.NDArray[np.uint8]:
+    f = img.astype(np.float32)
+    norm = np.power(np.mean(np.power(f, p), axis=(0, 1)), 1.0 / p)
+    norm = np.maximum(norm, 1e-6)
+    gain = np.sqrt(np.sum(norm**2)) / (norm * np.sqrt(3.0))
+    return np.clip(f * gain, 0, 255).astype(np.uint8)
+
+
+def reference_normalise(img: npt.NDArray[np.uint8], mean: tuple[float, ...] = IMAGENET_MEAN,
+                        std: tuple[float, ...] = IMAGENET_STD) -> npt.NDArray[np.float32]:
+    f = img.astype(np.float32) / np.float32(255.0)
+    f = np.divide(np.subtract(f, np.asarray(mean, np.float32)), np.asarray(std, np.float32), dtype=np.float32)
+    return np.ascontiguousarray(f.transpose(2, 0, 1), dtype=np.float32)
+
+
+def reference_prepare(img: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
+    return reference_normalise(reference_shades_of_gray(resize_square(img, size)))
+
+
+def reference_tta_batch(x: npt.NDArray[np.float32], views: Sequence[str] = TTA_VIEWS) -> npt.NDArray[np.float32]:
+    return np.ascontiguousarray(np.concatenate([_VIEW_FN[v](x) for v in views], axis=0))
+
+
+def varied_images() -> list[npt.NDArray[np.uint8]]:
+    """Real dermoscopy at several sizes, casts, noise, flat and extreme frames."""
+    rng = np.random.default_rng(15)
+    real = [s.image() for s in load_samples()[:4]]
+    out: list[npt.NDArray[np.uint8]] = list(real)
+    for k, (h, w) in enumerate(ODD_SIZES):
+        base = real[k % len(real)]
+        out.append(np.asarray(cv2.resize(base, (w, h), interpolation=cv2.INTER_AREA), np.uint8))
+        out.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    cast = real[0].astype(np.float32) * np.array([0.6, 0.9, 1.3], np.float32)
+    out.append(np.clip(cast, 0, 255).astype(np.uint8))                       # strong blue cast
+    out.append(np.zeros((120, 90, 3), np.uint8))                              # black
+    out.append(np.full((120, 90, 3), 255, np.uint8))                          # saturated white
+    out.append(np.full((33, 47, 3), (200, 30, 90), np.uint8))                 # flat colour
+    out.append(np.ascontiguousarray(real[1][::-1, ::2]))                      # decimated
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2, 6])
+def test_shades_of_gray_is_uint8_identical(p: int) -> None:
+    for img in varied_images():
+        np.testing.assert_array_equal(shades_of_gray(img, p), reference_shades_of_gray(img, p))
+
+
+def test_shades_of_gray_non_contiguous_input_is_identical() -> None:
+    """Views (flipped, strided) go through the original code and still match."""
+    img = load_samples()[0].image()
+    for view in (img[::-1], img[:, ::3], img[10:90, 20:140]):
+        np.testing.assert_array_equal(shades_of_gray(view), reference_shades_of_gray(view))
+
+
+def test_normalise_is_bit_identical_and_fills_out() -> None:
+    for img in varied_images():
+        ref = reference_normalise(img)
+        np.testing.assert_array_equal(normalise(img), ref)
+        slot = np.full((2, *ref.shape), np.nan, np.float32)
+        dst = slot[1]
+        assert normalise(img, out=dst) is dst
+        np.testing.assert_array_equal(slot[1], ref)
+        assert np.isnan(slot[0]).all()
+    odd = (0.5, 0.25, 0.125), (0.3, 0.2, 0.1)
+    img = varied_images()[0]
+    np.testing.assert_array_equal(normalise(img, *odd), reference_normalise(img, *odd))
+
+
+def test_prepare_matches_reference_within_float32_tolerance() -> None:
+    for img in varied_images():
+        np.testing.assert_allclose(prepare(img, INPUT_SIZE), reference_prepare(img, INPUT_SIZE), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("views", [TTA_VIEWS, D8_VIEWS, ("identity",)])
+def test_tta_batch_is_identical(views: tuple[str, ...]) -> None:
+    x = np.random.default_rng(3).normal(size=(5, 3, 16, 16)).astype(np.float32)
+    got = tta_batch(x, views)
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, reference_tta_batch(x, views))
+
+
+def test_engine_batch_tensor_matches_reference(engine: Engine) -> None:
+    """The tensor the engine feeds the model (preprocessed in place, views filled in) is
+    exactly the one the original stack + concatenate built, on every host thread count."""
+    images = varied_images()
+    ref = reference_tta_batch(np.stack([reference_prepare(im, INPUT_SIZE) for im in images]),
+                              engine.manifest.tta_views)
+    for threads in (1, 3):
+        got = engine.batch_tensor(images, host_threads=threads)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_predictions_match_reference_on_samples(engine: Engine) -> None:
+    """Probabilities from the fast path equal those of the original preprocessing run
+    through the same session, on every bundled and test sample."""
+    paths = sorted((Path(__file__).resolve().parents[2] / "dermgate" / "samples").glob("*.jpg"))
+    images = [load_image(p) for p in paths] + [s.image() for s in load_samples()] + varied_images()[-6:]
+    preds = engine.predict(images, cam=False)
+    x = np.stack([reference_prepare(im, INPUT_SIZE) for im in images])
+    logits, _ = engine.run(reference_tta_batch(x, engine.manifest.tta_views))
+    from inference.engine import merge_tta
+    probs = engine.calibration.probabilities(merge_tta(logits, len(images)))
+    got = np.array([[p.probabilities[c] for c in p.probabilities] for p in preds])
+    np.testing.assert_allclose(got, probs, rtol=0, atol=PROBABILITY_ATOL)
