@@ -38,7 +38,7 @@ from inference import postprocess as post
 from inference.cam import grad_cam
 from inference.errors import ImageDecodeError, InvalidInputError, ModelIntegrityError, ModelLoadError
 from inference.ood import image_stats, load_for
-from inference.preprocess import normalise, prepare
+from inference.preprocess import prepare
 from inference.result import CLASSES, ModelInfo, Prediction, Risk
 
 log = structlog.get_logger(__name__)
