@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     med = {name: {k: float(np.median([r["cells"][k] for r in rs])) for k in keys} for name, rs in runs.items()}
     print(f"engine host ms/image (predict minus Engine.run; wall, and CPU summed over threads), session threads "
           f"{SESSION_THREADS}, images {args.images or 'dermgate/samples'}, median of {args.rounds} rounds")
-    cols = [(n, m) for m in ("host", "host_cpu") for n in med]
-    header = f"{'batch':>5} {'cam':<5} " + " ".join(f"{n[:4] + ' ' + m:>13}" for n, m in cols) + f" {'run ms/img':>11}"
+    cols = [(n, m) for m in ("host", "host_cpu", "run") for n in med]
+    header = f"{'batch':>5} {'cam':<5} " + " ".join(f"{n[:4] + ' ' + m:>13}" for n, m in cols)
     if "baseline" in med:
         header += f" {'ratio wall':>10} {'ratio cpu':>10}"
     print(header)
@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         for cam in ("nocam", "cam"):
             k = f"{bs}/{cam}"
             line = f"{bs:>5} {cam:<5} " + " ".join(f"{med[n][f'{k}/{m}']:>13.3f}" for n, m in cols)
-            line += f" {med['current'][f'{k}/run']:>11.3f}"
             if "baseline" in med:
                 line += "".join(f" {med['baseline'][f'{k}/{m}'] / med['current'][f'{k}/{m}']:>9.2f}x"
                                 for m in ("host", "host_cpu"))
