@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from inference.postprocess import GateStats, gate_stats
 from inference.engine import _VIEW_FN, D8_VIEWS, TTA_VIEWS, Engine, load_image, tta_batch
 from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise, prepare, resize_square, shades_of_gray
 from tests.inference.sampledata import load_samples
@@ -45,6 +46,23 @@ def reference_prepare(img: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.f
 
 def reference_tta_batch(x: npt.NDArray[np.float32], views: Sequence[str] = TTA_VIEWS) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(np.concatenate([_VIEW_FN[v](x) for v in views], axis=0))
+
+
+def reference_gate_stats(image: npt.NDArray[np.uint8]) -> GateStats:
+    h, w = image.shape[:2]
+    scale = 128 / max(h, w)
+    small = np.asarray(cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                  interpolation=cv2.INTER_AREA), np.uint8) if scale < 1 else image
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    raw = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    raw_informative = (raw[..., 1] >= 64) & (raw[..., 2] >= 40)
+    green = raw_informative & (raw[..., 0] >= 35) & (raw[..., 0] <= 85)
+    hsv = cv2.cvtColor(reference_shades_of_gray(small), cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    informative = (sat >= 64) & (val >= 40)
+    non_skin = informative & (hue >= 35) & (hue <= 150)
+    return GateStats(min(h, w), float(grey.std()), float((raw[..., 1] >= 24).mean()),
+                     float(green.mean()), float(non_skin.mean()))
 
 
 def varied_images() -> list[npt.NDArray[np.uint8]]:
@@ -90,6 +108,14 @@ def test_normalise_is_bit_identical_and_fills_out() -> None:
     odd = (0.5, 0.25, 0.125), (0.3, 0.2, 0.1)
     img = varied_images()[0]
     np.testing.assert_array_equal(normalise(img, *odd), reference_normalise(img, *odd))
+
+
+def test_gate_stats_are_identical() -> None:
+    rng = np.random.default_rng(7)
+    hues = [np.clip(rng.normal((r, g, b), 25, (40, 60, 3)), 0, 255).astype(np.uint8)
+            for r, g, b in ((40, 200, 60), (30, 80, 220), (150, 40, 200), (200, 150, 130))]
+    for img in varied_images() + hues:
+        assert gate_stats(img) == reference_gate_stats(img)
 
 
 def test_prepare_matches_reference_within_float32_tolerance() -> None:
