@@ -1,7 +1,7 @@
 """The engine's host-side cost per image: ``Engine.predict`` time minus the graph's time, same run.
 
     python -m bench.bench_engine_host [--baseline m15] [--batches 8 64] [--seconds 3] [--rounds 2]
-                                      [--images DIR] [--host-threads N]
+                                      [--images DIR] [--host-threads N] [--cv2-threads N]
 
 On a GPU the model takes a fraction of a millisecond per image and the host work around it
 (preprocessing, TTA views, quality gate, image statistics, calibration, Grad-CAM) sets the
@@ -48,9 +48,12 @@ def load_images(images_dir: Path | None, n: int) -> list[np.ndarray]:
 
 
 def measure(src: Path, batches: list[int], seconds: float, images_dir: Path | None,
-            host_threads: int | None) -> dict[str, Any]:
+            host_threads: int | None, cv2_threads: int | None = None) -> dict[str, Any]:
     """Time one version of the ``inference`` package (imported from ``src``): host ms/image."""
     sys.path.insert(0, str(src))
+    if cv2_threads is not None:
+        import cv2
+        cv2.setNumThreads(cv2_threads)
     from inference.engine import Engine
     kwargs: dict[str, Any] = {"intra_op_threads": SESSION_THREADS, "batch_size": max(batches),
                               "cpu_memory_arena": False}
@@ -97,6 +100,8 @@ def child(src: Path, args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--images", str(args.images)]
     if args.host_threads is not None:
         cmd += ["--host-threads", str(args.host_threads)]
+    if args.cv2_threads is not None:
+        cmd += ["--cv2-threads", str(args.cv2_threads)]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
@@ -109,10 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each version")
     ap.add_argument("--images", type=Path, default=None, help="folder of .jpg (default: dermgate/samples)")
     ap.add_argument("--host-threads", type=int, default=None, help="Engine host_threads (default: its own)")
+    ap.add_argument("--cv2-threads", type=int, default=None,
+                    help="cv2.setNumThreads in both versions (default: OpenCV's, one per core)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.batches, args.seconds, args.images, args.host_threads)))
+        print(json.dumps(measure(args.child, args.batches, args.seconds, args.images, args.host_threads,
+                                 args.cv2_threads)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"current": REPO}
