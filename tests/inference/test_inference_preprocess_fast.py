@@ -15,6 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from inference.postprocess import GateStats, gate_stats
+from inference.cam import grad_cam
 from inference.engine import _VIEW_FN, D8_VIEWS, TTA_VIEWS, Engine, load_image, tta_batch
 from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalise, prepare, resize_square, shades_of_gray
 from tests.inference.sampledata import load_samples
@@ -154,3 +155,26 @@ def test_predictions_match_reference_on_samples(engine: Engine) -> None:
     probs = engine.calibration.probabilities(merge_tta(logits, len(images)))
     got = np.array([[p.probabilities[c] for c in p.probabilities] for p in preds])
     np.testing.assert_allclose(got, probs, rtol=0, atol=PROBABILITY_ATOL)
+
+
+def reference_grad_cam(features: npt.NDArray[np.float32], fc_weight: npt.NDArray[np.float32], class_index: int,
+                       out_hw: tuple[int, int]) -> npt.NDArray[np.float32]:
+    weighted = np.tensordot(fc_weight[class_index].astype(np.float32), features.astype(np.float32), axes=1)
+    cam = np.maximum(weighted, 0.0)
+    h, w = out_hw
+    out = np.asarray(cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), np.float32)
+    peak = float(out.max())
+    out = out / peak if peak > 0 else np.zeros_like(out)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def test_grad_cam_is_identical() -> None:
+    """The in-place scaling gives the original map, also when no location speaks for the class."""
+    rng = np.random.default_rng(11)
+    weight = rng.normal(size=(7, 64)).astype(np.float32)
+    feats = rng.random((64, 5, 5)).astype(np.float32)
+    for k, hw in [(0, (450, 600)), (3, (7, 3)), (6, (150, 200))]:
+        got = grad_cam(feats, weight, k, hw)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, reference_grad_cam(feats, weight, k, hw))
+    np.testing.assert_array_equal(grad_cam(feats, -np.abs(weight), 0, (9, 11)), np.zeros((9, 11), np.float32))
