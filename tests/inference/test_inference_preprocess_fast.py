@@ -178,3 +178,13 @@ def test_grad_cam_is_identical() -> None:
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, reference_grad_cam(feats, weight, k, hw))
     np.testing.assert_array_equal(grad_cam(feats, -np.abs(weight), 0, (9, 11)), np.zeros((9, 11), np.float32))
+
+
+def test_reused_input_buffer_gives_the_same_predictions(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept input buffer is fully rewritten each batch: a large batch, then a smaller one with
+    other images, give what fresh buffers give."""
+    images = varied_images()
+    fresh = [engine.predict(b, cam=False) for b in (images[:12], images[12:17])]
+    monkeypatch.setattr(engine, "reuse_input_buffer", True)
+    reused = [engine.predict(b, cam=False) for b in (images[:12], images[12:17])]
+    assert [[p.probabilities for p in b] for b in reused] == [[p.probabilities for p in b] for b in fresh]
