@@ -15,8 +15,9 @@ measured too, each version in its own child process, alternating for ``--rounds`
 and the table gives the medians and the ratio baseline / current. The probabilities the two
 versions give for the same images are compared (max absolute difference).
 
-The engine keeps its input buffer between batches, as it does on the GPU path. The session runs with one intra-op thread so that ONNX Runtime's spinning worker threads do
-not compete with the host work for the cores (on a GPU they are idle as well).
+The engine keeps its input buffer between batches, as it does on the GPU path. The session
+runs with one intra-op thread so that ONNX Runtime's spinning worker threads do not compete
+with the host work for the cores (on a GPU they are idle as well).
 """
 
 from __future__ import annotations
