@@ -28,13 +28,13 @@ def shades_of_gray(img: Image, p: int = 6) -> Image:
     The arithmetic is exactly that of the original (``_shades_of_gray_reference``),
     so the output is uint8-identical, with two cheaper steps: numpy's float32 mean
     over the pixels of a C-contiguous HxWx3 array adds pixel after pixel (no pairwise
-    summation), which a per-channel cumulative sum repeats without the per-pixel loop;
+    summation), as cv2.reduce's float32 column sum does, without numpy's per-pixel loop;
     and the per-pixel ``clip(v * gain)`` takes only 256 values per channel, so it is
     computed once per value and applied as a lookup table."""
     if not (img.ndim == 3 and img.shape[2] == _RGB and img.size and img.flags.c_contiguous):
         return _shades_of_gray_reference(img, p)
     powered = np.power(img.astype(np.float32), p).reshape(-1, _RGB)
-    sums = np.ascontiguousarray(powered.cumsum(axis=0)[-1])
+    sums = np.asarray(cv2.reduce(powered, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32F), np.float32).reshape(_RGB)
     # as np.mean divides: the float32 sums by an intp count, computed in float64, stored as float32
     mean = np.true_divide(sums, np.intp(len(powered)), out=sums, casting="unsafe")
     norm = np.power(mean, 1.0 / p)
