@@ -31,7 +31,8 @@ def shades_of_gray(img: Image, p: int = 6) -> Image:
     summation), as cv2.reduce's float32 column sum does, without numpy's per-pixel loop;
     and the per-pixel ``clip(v * gain)`` takes only 256 values per channel, so it is
     computed once per value and applied as a lookup table."""
-    if not (img.ndim == 3 and img.shape[2] == _RGB and img.size and img.flags.c_contiguous):
+    if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == _RGB and img.size
+            and img.flags.c_contiguous):
         return _shades_of_gray_reference(img, p)
     powered = np.power(img.astype(np.float32), p).reshape(-1, _RGB)
     sums = np.asarray(cv2.reduce(powered, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32F), np.float32).reshape(_RGB)
@@ -80,7 +81,7 @@ def normalise(img: Image, mean: tuple[float, ...] = IMAGENET_MEAN,
 
     Each channel takes only 256 values: they are computed once, with the original
     float32 operations (bit-identical), and applied as a lookup table per plane."""
-    if img.ndim != 3 or img.shape[2] != _RGB or len(mean) != _RGB or len(std) != _RGB:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != _RGB or len(mean) != _RGB or len(std) != _RGB:
         ref = _normalise_reference(img, mean, std)
         if out is None:
             return ref
@@ -89,11 +90,12 @@ def normalise(img: Image, mean: tuple[float, ...] = IMAGENET_MEAN,
     if out is None:
         out = np.empty((_RGB, *img.shape[:2]), np.float32)
     table = _normalise_table(tuple(mean), tuple(std))
-    for c, plane in enumerate(cv2.split(img)):
+    for c, plane in enumerate(cv2.split(np.ascontiguousarray(img))):
         dst = out[c]
-        res = cv2.LUT(plane, table[c], dst=dst)
-        if res is not dst and not np.shares_memory(res, dst):   # cv2 wrote elsewhere (non-contiguous out)
-            dst[...] = res
+        if dst.flags.c_contiguous:
+            cv2.LUT(plane, table[c], dst=dst)
+        else:                                  # cv2 writes only into contiguous planes
+            dst[...] = cv2.LUT(plane, table[c])
     return out
 
 

@@ -95,6 +95,8 @@ def test_shades_of_gray_non_contiguous_input_is_identical() -> None:
     img = load_samples()[0].image()
     for view in (img[::-1], img[:, ::3], img[10:90, 20:140]):
         np.testing.assert_array_equal(shades_of_gray(view), reference_shades_of_gray(view))
+    wide = img.astype(np.uint16) * 3                                         # not uint8: the original code
+    np.testing.assert_array_equal(shades_of_gray(wide), reference_shades_of_gray(wide))
 
 
 def test_normalise_is_bit_identical_and_fills_out() -> None:
@@ -109,6 +111,11 @@ def test_normalise_is_bit_identical_and_fills_out() -> None:
     odd = (0.5, 0.25, 0.125), (0.3, 0.2, 0.1)
     img = varied_images()[0]
     np.testing.assert_array_equal(normalise(img, *odd), reference_normalise(img, *odd))
+    for view in (img[::-1], img[:, ::3], img[10:90, 20:140]):
+        np.testing.assert_array_equal(normalise(view), reference_normalise(view))
+    strided = np.zeros((3, img.shape[0], 2 * img.shape[1]), np.float32)[:, :, ::2]
+    normalise(img, out=strided)
+    np.testing.assert_array_equal(strided, reference_normalise(img))
 
 
 def test_gate_stats_are_identical() -> None:
