@@ -195,3 +195,13 @@ def test_reused_input_buffer_gives_the_same_predictions(engine: Engine, monkeypa
     monkeypatch.setattr(engine, "reuse_input_buffer", True)
     reused = [engine.predict(b, cam=False) for b in (images[:12], images[12:17])]
     assert [[p.probabilities for p in b] for b in reused] == [[p.probabilities for p in b] for b in fresh]
+
+
+def test_host_pool_is_remade_in_a_forked_child(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool inherited through fork has no threads; the engine makes a new one (no hang)."""
+    images = varied_images()[:8]
+    expected = engine.batch_tensor(images, host_threads=2)
+    inherited = engine._host_pool(2)
+    monkeypatch.setattr(engine, "_pool_pid", -1)                   # as seen from a forked child
+    np.testing.assert_array_equal(engine.batch_tensor(images, host_threads=2), expected)
+    assert engine._pool is not inherited
