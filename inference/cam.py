@@ -38,8 +38,11 @@ def grad_cam(features: FloatArray, fc_weight: FloatArray, class_index: int,
     # (cubic would overshoot); then scale so the peak is 1.
     out = np.asarray(cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), np.float32)
     peak = float(out.max())
-    out = out / peak if peak > 0 else np.zeros_like(out)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    if not peak > 0:
+        return np.zeros_like(out)
+    # in place: the same float32 division and clip as out / peak, without two image-sized copies
+    np.divide(out, peak, out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def overlay(image_rgb: npt.NDArray[np.uint8], cam: FloatArray, alpha: float = 0.4) -> npt.NDArray[np.uint8]:

@@ -39,6 +39,7 @@ _GATE_SIDE = 128             # the colour/contrast checks run on a downscaled co
 _NON_SKIN_HUE = (35, 150)    # OpenCV hue (0-180): 70-300 degrees; skin, blood and pigment lie outside
 _MIN_SATURATION = 64         # below this a pixel is greyish and says nothing about hue
 _MIN_VALUE = 40              # the black field-of-view corners of many dermatoscopes
+_HSV_MAX = 255               # the top of OpenCV's 8-bit H, S and V ranges (inRange's open upper bound)
 
 
 @dataclass(frozen=True)
@@ -137,18 +138,19 @@ def gate_stats(image: npt.NDArray[np.uint8]) -> GateStats:
                                   interpolation=cv2.INTER_AREA), np.uint8) if scale < 1 else image
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     raw = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
-    raw_informative = (raw[..., 1] >= _MIN_SATURATION) & (raw[..., 2] >= _MIN_VALUE)
-    green = raw_informative & (raw[..., 0] >= _GREEN_HUE[0]) & (raw[..., 0] <= _GREEN_HUE[1])
+    # Each mask is one cv2.inRange over (hue, saturation, value); a fraction is its count over all pixels.
+    green = cv2.inRange(raw, (_GREEN_HUE[0], _MIN_SATURATION, _MIN_VALUE), (_GREEN_HUE[1], _HSV_MAX, _HSV_MAX))
+    coloured = cv2.inRange(raw, (0, _COLOURED_SATURATION, 0), (_HSV_MAX, _HSV_MAX, _HSV_MAX))
     # Hue is judged after colour constancy too, as the model sees it: many older
     # dermatoscopes give skin a strong blue cast that Shades of Gray removes (but it
     # also neutralises a uniformly green frame, hence the raw green check).
     hsv = cv2.cvtColor(shades_of_gray(small), cv2.COLOR_RGB2HSV)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    informative = (sat >= _MIN_SATURATION) & (val >= _MIN_VALUE)
-    non_skin = informative & (hue >= _NON_SKIN_HUE[0]) & (hue <= _NON_SKIN_HUE[1])
+    non_skin = cv2.inRange(hsv, (_NON_SKIN_HUE[0], _MIN_SATURATION, _MIN_VALUE),
+                           (_NON_SKIN_HUE[1], _HSV_MAX, _HSV_MAX))
     # Fractions of ALL pixels: a greyish image with a few blue pixels is not "non-skin".
-    return GateStats(min(h, w), float(grey.std()), float((raw[..., 1] >= _COLOURED_SATURATION).mean()),
-                     float(green.mean()), float(non_skin.mean()))
+    n = grey.size
+    return GateStats(min(h, w), float(grey.std()), cv2.countNonZero(coloured) / n,
+                     cv2.countNonZero(green) / n, cv2.countNonZero(non_skin) / n)
 
 
 def assess(image: npt.NDArray[np.uint8]) -> str | None:
