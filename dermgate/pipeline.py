@@ -52,6 +52,7 @@ from audit.api import AuditEvent, AuditSink, EventType, Outcome, record_all
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState, OutboxItem, OutboxState, utcnow
 from dermgate.durable import Deferred, sync_all
+from dermgate.memory import release_free_memory
 from dermgate.queue import backoff, claim, fenced_update, owner_id, release, release_dead_owners
 from dermgate.records import Channel, DeliveryOutcome, ImageRef, Outputs
 from dermgate.store import ObjectStore
@@ -549,7 +550,9 @@ def run_loop(step: Callable[[], int], stop: threading.Event, idle_s: float,
         except Exception:  # noqa: BLE001 - the loop must survive a database blip
             log.exception("loop_error")
             busy = 0
-        if not busy:
+        if busy:
+            release_free_memory()        # a batch's freed memory back to the OS (dermgate/memory.py)
+        else:
             (wake or stop).wait(idle_s)
 
 
