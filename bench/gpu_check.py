@@ -251,13 +251,12 @@ def end_to_end(workers: int, n_images: int, worker_batch: int, allow_cpu: bool, 
     work = root / "work"
     work.mkdir()
     ports = [_free_port() for _ in range(scps)]
-    port = ports[0]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DERMGATE_")},
            "DERMGATE_WORKDIR": str(work), "DERMGATE_DATABASE_URL": db_url,
            "DERMGATE_FHIR_BUNDLE_DIR": str(work / "reports"), "DERMGATE_MODEL__THREADS": "2",
            "DERMGATE_WORKER__BATCH_SIZE": str(worker_batch), "DERMGATE_WORKER__POLL_INTERVAL_S": "0.05",
            "DERMGATE_DICOM__ALLOWED_CALLERS": '[{"ae_title": "GPUCHECK", "hosts": ["127.0.0.1"]}]',
-           "DERMGATE_DICOM__MIN_FREE_BYTES": str(64 * 2 ** 20), "DERMGATE_DICOM__PORT": str(port),
+           "DERMGATE_DICOM__MIN_FREE_BYTES": str(64 * 2 ** 20),
            # 4 associations plus the readiness probe: above the default of 4 connections per host
            "DERMGATE_DICOM__MAX_CONNECTIONS_PER_HOST": "16"}
     subprocess.run([sys.executable, "-m", "dermgate.cli", "migrate"], env=env, check=True, capture_output=True,

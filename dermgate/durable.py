@@ -102,12 +102,16 @@ def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE,
     return path
 
 
-def fsync_dir(folder: Path) -> None:
-    dfd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries: what was renamed into it), by name."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)
+
+
+fsync_dir = fsync_path
 
 
 class Deferred:
@@ -176,8 +180,8 @@ def sync_all(items: Iterable[Deferred]) -> None:
     items = list(items)
     try:
         dirs = {d for item in items for d in item.dirs}
-        futures = [_pool().submit(item.sync_file) for item in items]
-        futures += [_pool().submit(fsync_dir, d) for d in dirs]
+        futures = [fsync_pool().submit(item.sync_file) for item in items]
+        futures += [fsync_pool().submit(fsync_dir, d) for d in dirs]
         errors = [f.exception() for f in futures]
     finally:
         for item in items:
@@ -192,7 +196,8 @@ _POOL_LOCK = threading.Lock()
 FSYNC_THREADS = 8                         # fsyncs in flight at once (they share journal commits)
 
 
-def _pool() -> ThreadPoolExecutor:
+def fsync_pool() -> ThreadPoolExecutor:
+    """The process's threads for fsyncs in flight together (the intake's group commit, ``sync_all``)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:

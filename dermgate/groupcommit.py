@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from sqlalchemy.orm import sessionmaker
 from audit.api import AuditEvent, AuditSink, record_all
 from dermgate import metrics
 from dermgate.db import Instance, Job, JobState
-from dermgate.durable import Deferred, fsync_dir
+from dermgate.durable import Deferred, fsync_dir, fsync_pool
 from dermgate.intake import Intake, IntakeResult, IntakeStatus
 from dermgate.records import ImageRef
 from dermgate.store import ObjectStore, StoreError
@@ -65,7 +65,6 @@ from dermgate.store import ObjectStore, StoreError
 log = structlog.get_logger(__name__)
 
 MAX_GROUP = 256              # images per commit (one transaction, one audit write)
-FSYNC_THREADS = 8            # object and folder fsyncs in flight at once
 GATHER_S = 0.005             # how long an audit commit waits for a straggler of its group
 
 
@@ -109,7 +108,6 @@ class GroupCommit:
         self._queue: list[_Staged] = []
         self._leader = False
         self._closed = False
-        self._fsync = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="intake-fsync")
 
     def submit(self, staged: _Staged) -> None:
         """Queue ``staged`` and return once a commit covers it. No committer thread: the first
@@ -159,12 +157,12 @@ class GroupCommit:
 
     def _commit(self, group: list[_Staged]) -> None:
         t0 = time.perf_counter()
-        files = {item: self._fsync.submit(item.deferred.sync_file) for item in group}
+        files = {item: fsync_pool().submit(item.deferred.sync_file) for item in group}
         dirs: dict[Path, Future[None]] = {}
         for item in group:
             for d in item.deferred.dirs:
                 if d not in dirs:
-                    dirs[d] = self._fsync.submit(fsync_dir, d)
+                    dirs[d] = fsync_pool().submit(fsync_dir, d)
         try:
             self._insert(group)
         except Exception as exc:                 # database locked / unavailable / full: the whole group
@@ -227,7 +225,6 @@ class GroupCommit:
             self._closed = True
             while (self._leader or self._queue) and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
-        self._fsync.shutdown(wait=True)
 
 
 class GroupIntake(Intake):

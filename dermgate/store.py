@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dermgate.durable import (PRIVATE_FILE_MODE, TMP_SUFFIX, Deferred, Orphan, clean_orphans, fsync_dir,
-                              missing_dirs, owner_tag, private_dir, write_atomic, write_deferred)
+                              fsync_path, missing_dirs, owner_tag, private_dir, write_atomic, write_deferred)
 
 if TYPE_CHECKING:
     from audit.keys import KeyProvider
@@ -191,7 +191,7 @@ class ObjectStore:
             return rel, digest, size
         try:
             private_dir(target.parent, tighten=False)
-            _fsync_file(source)
+            fsync_path(source)
             try:
                 os.chmod(source, PRIVATE_FILE_MODE)
                 os.replace(source, target)
@@ -311,14 +311,6 @@ def _stage_rename(source: Path, target: Path) -> Deferred:
     return Deferred(target, fd, (target.parent, *(d.parent for d in created)))
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_durably(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{owner_tag()}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
@@ -384,11 +376,7 @@ def create_store_key(path: Path, *, exist_ok: bool = False) -> bool:
             return False
     finally:
         tmp.unlink(missing_ok=True)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
     return True
 
 

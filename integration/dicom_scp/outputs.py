@@ -134,7 +134,7 @@ class WrittenOutputs:
     png: bytes
     sc_sop_instance_uid: str
     sr_sop_instance_uid: str
-    files: Files = dataclasses.field(default_factory=lambda: PlainFiles(), repr=False, compare=False)
+    files: Files = dataclasses.field(default_factory=PlainFiles, repr=False, compare=False)
     source_frames: int = 1
     pending: tuple[Deferred, ...] = ()
 
